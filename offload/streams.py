@@ -1,0 +1,99 @@
+"""Copies between host and device memory on dedicated CUDA streams, completed through events.
+
+One stream per direction, because H2D and D2H use separate copy engines and together reach ~1.7x
+either alone on the H100 machine (55 + 55 -> 91 GB/s): putting both on one stream would serialize
+them. Each stream has one waiter thread that blocks on the recorded events in issue order (events
+on one stream complete in order) and completes the matching `Future`; `Event.synchronize` releases
+the GIL. Without CUDA there are no streams: host-to-host copies run on a small thread pool
+instead, so the runtime's schedule of futures is the same in CI.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+
+class EventWaiter:
+    """A thread that completes futures when their CUDA events have happened, in order."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, event: torch.cuda.Event) -> Future:
+        future: Future = Future()
+        self._queue.put((event, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            event, future = item
+            try:
+                event.synchronize()
+            except BaseException as error:  # noqa: BLE001 - a CUDA error belongs to the waiting caller
+                future.set_exception(error)
+            else:
+                future.set_result(None)
+
+
+class CopyEngine:
+    """Issues memory-to-memory copies and returns futures.
+
+    Args:
+        device: the CUDA device, or None on a machine without one.
+        num_host_threads: threads for host-to-host copies.
+    """
+
+    def __init__(self, device: torch.device | None, num_host_threads: int = 2) -> None:
+        self.device = device
+        self._host_pool = ThreadPoolExecutor(max_workers=num_host_threads, thread_name_prefix="offload-h2h")
+        if device is not None:
+            self.h2d_stream = torch.cuda.Stream(device)
+            self.d2h_stream = torch.cuda.Stream(device)
+            self._waiters = {self.h2d_stream: EventWaiter("offload-h2d-wait"), self.d2h_stream: EventWaiter("offload-d2h-wait")}
+
+    def producer_event(self) -> torch.cuda.Event | None:
+        """An event on the caller's current stream: the copy waits for work the caller issued before it."""
+        if self.device is None:
+            return None
+        return torch.cuda.current_stream(self.device).record_event()
+
+    def wait_event(self, event: torch.cuda.Event) -> Future:
+        """A future done once `event` has happened (used before kvikio touches device memory)."""
+        return self._waiters[self.d2h_stream].submit(event)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None) -> tuple[str, Future]:
+        """Copy `src` into `dst` (same shape and dtype); returns the direction's name and a future.
+
+        `after`: an event the copy's stream waits on first (from `producer_event`).
+        """
+        if not (dst.is_cuda or src.is_cuda):
+            return "h2h", self._host_pool.submit(dst.copy_, src)
+        kind = "d2d" if dst.is_cuda and src.is_cuda else "h2d" if dst.is_cuda else "d2h"
+        stream = self.d2h_stream if kind == "d2h" else self.h2d_stream
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            if after is not None:
+                stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            # Keep the caching allocator from handing these blocks to another stream before the
+            # copy has run, should the caller drop its references early.
+            for tensor in (dst, src):
+                if tensor.is_cuda:
+                    tensor.record_stream(stream)
+            done = stream.record_event()
+        return kind, self._waiters[stream].submit(done)
+
+    def close(self) -> None:
+        self._host_pool.shutdown(wait=True)
+        if self.device is not None:
+            for waiter in self._waiters.values():
+                waiter.close()
