@@ -11,10 +11,11 @@ SSD <-> GPU goes through a pinned staging buffer unless the backend takes device
 and checksums are off; SSD <-> CPU goes straight into the CPU tensor when the store allocated it
 (aligned and padded), else through staging.
 
-Ordering invariant: moves that touch the same tensor storage or SSD extent run in the order they
-were issued (each waits for the previous move on its dst and src), so a fetch issued after a
-write-back reads the new bytes, and a write-back never overwrites bytes a fetch is still reading.
-Moves on different tensors run concurrently. Work the caller issued on its current CUDA stream
+Ordering invariant: a move waits for the moves issued before it that write its src (read after
+write) or that read or write its dst (write after read, write after write), per tensor storage or
+SSD extent; so a fetch issued after a write-back reads the new bytes, and a write-back never
+overwrites bytes a fetch is still reading. Moves that only read the same source run concurrently,
+and so do moves on different tensors. Work the caller issued on its current CUDA stream
 before `copy()` is finished before the copy reads or overwrites GPU memory.
 
 Named layer (for the runtime's per-block parameters, gradients, optimizer state, activations):
@@ -140,7 +141,9 @@ class TieredStore:
         self.trace: list[TraceEvent] | None = [] if trace else None
         self._t0 = time.perf_counter()
         self._lock = threading.RLock()  # re-entered when a callback runs inline
-        self._last: dict[tuple, Future] = {}  # the latest move touching each storage or extent
+        # Per storage or extent: the move that last writes it, and the moves reading it since.
+        self._writer: dict[tuple, Future] = {}
+        self._readers: dict[tuple, list[Future]] = {}
         self._host_owned: dict[int, HostBuffer] = {}  # data_ptr -> pool buffer behind a CPU tensor
         self._gpu_owned: dict[int, int] = {}  # data_ptr -> padded bytes of a GPU tensor
         self._homes: dict[str, torch.Tensor | SSDTensor] = {}
@@ -191,13 +194,12 @@ class TieredStore:
 
         The caller must not use `x` afterwards: a CPU tensor's memory goes back to the pool.
         """
-        with self._lock:
-            pending = self._last.get(_key(x))
+        pending = self._pending(_key(x))
         release = lambda _=None: self._release(x)  # noqa: E731
-        if pending is None:
+        if not pending:
             release()
         else:
-            pending.add_done_callback(release)
+            gather(pending).add_done_callback(release)
 
     def _release(self, x) -> None:
         if isinstance(x, SSDTensor):
@@ -237,25 +239,39 @@ class TieredStore:
         assert not self._closed, "copy() on a closed store"
         ready = self.copies.producer_event() if any(_on_gpu(x) for x in (dst, src)) else None
         staging = self._staging_for(dst, src)
-        keys = {_key(dst), _key(src)}
+        dst_key, src_key = _key(dst), _key(src)
         with self._lock:
-            previous = [self._last[k] for k in keys if k in self._last]
+            # Read after write on src; write after write and write after read on dst.
+            previous = [f for f in (self._writer.get(src_key), self._writer.get(dst_key)) if f is not None]
+            previous += self._readers.get(dst_key, [])
             start = lambda: self._start(dst, src, staging, ready)  # noqa: E731
             move = then(gather(previous), start) if previous else _call(start)
             if staging is not None:
                 move = finally_(move, lambda: self.pool.release(staging))
-            for k in keys:
-                self._last[k] = move
-        move.add_done_callback(lambda _: self._forget(keys, move))
+            self._writer[dst_key] = move
+            self._readers[dst_key] = []
+            if src_key != dst_key:
+                self._readers.setdefault(src_key, []).append(move)
+        move.add_done_callback(lambda _: self._forget(dst_key, src_key, move))
         out: Future = Future()
         move.add_done_callback(lambda done: out.set_exception(done.exception()) if done.exception() else out.set_result(dst))
         return out
 
-    def _forget(self, keys, move: Future) -> None:
+    def _pending(self, key: tuple) -> list[Future]:
         with self._lock:
-            for k in keys:
-                if self._last.get(k) is move:
-                    del self._last[k]
+            writer = self._writer.get(key)
+            return ([writer] if writer is not None else []) + list(self._readers.get(key, []))
+
+    def _forget(self, dst_key: tuple, src_key: tuple, move: Future) -> None:
+        with self._lock:
+            if self._writer.get(dst_key) is move:
+                del self._writer[dst_key]
+            readers = self._readers.get(src_key)
+            if readers is not None and move in readers:
+                readers.remove(move)
+            for key in (dst_key, src_key):
+                if not self._readers.get(key, True):
+                    del self._readers[key]
 
     def _direct_u8(self, x, capacity_bytes: int) -> torch.Tensor | None:
         """`x`'s bytes padded to `capacity_bytes`, if the SSD backend can use its memory directly."""
@@ -362,10 +378,15 @@ class TieredStore:
 
     def synchronize(self) -> None:
         """Wait for every move issued so far; raises the first error among them."""
-        with self._lock:
-            pending = list(set(self._last.values()))
-        for future in pending:
+        for future in self._all_pending():
             future.result()
+
+    def _all_pending(self) -> list[Future]:
+        with self._lock:
+            pending = set(self._writer.values())
+            for readers in self._readers.values():
+                pending.update(readers)
+        return list(pending)
 
     def report(self) -> dict:
         """Used and peak bytes per tier against the caps."""
@@ -379,9 +400,7 @@ class TieredStore:
         if self._closed:
             return
         self._closed = True
-        with self._lock:
-            pending = list(set(self._last.values()))
-        for future in pending:
+        for future in self._all_pending():
             future.exception()  # waits; the error was or will be seen by whoever holds the future
         self.copies.close()
         if self.swap is not None:
