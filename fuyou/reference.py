@@ -1,0 +1,149 @@
+"""The reference trainer: plain PyTorch on one device, the oracle every runtime is checked against.
+
+It shares the model and the data code with the Fuyou runtime and nothing else, so that a parity
+failure points at the runtime. It is kept obviously correct rather than fast:
+
+- loss: cross-entropy summed over every target token of the optimizer step (all micro-batches),
+  divided by the number of those tokens. Each micro-batch back-propagates its own sum divided by
+  the step's total, so gradient accumulation gives exactly the gradient of one large batch even
+  when micro-batches hold different numbers of target tokens.
+- gradient clipping by the global L2 norm over all parameters (torch's clip_grad_norm_).
+- torch.optim.AdamW, decoupled weight decay on matrices (2-D and up) only; biases, norms and
+  nothing else are exempt. Learning rate from `fuyou.lr_schedule` at every step.
+- bf16: autocast around forward and loss; master weights, gradients and Adam state stay fp32.
+- activation checkpointing: each block is recomputed in backward (torch.utils.checkpoint).
+
+Shapes: B batch, S sequence, V vocabulary, D hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fuyou.data import Batch
+from fuyou.lr_schedule import lr_at_step
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did.
+
+    Attributes:
+        loss: mean cross-entropy per target token over the whole step (all micro-batches).
+        grad_norm: global L2 norm of the gradient before clipping.
+        lr: learning rate applied at this step.
+        num_tokens: input tokens processed (batch x sequence x micro-batches).
+        num_target_tokens: tokens that carried loss.
+    """
+
+    loss: float
+    grad_norm: float
+    lr: float
+    num_tokens: int
+    num_target_tokens: int
+
+
+def causal_lm_loss_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies in fp32, skipping labels equal to IGNORE_INDEX."""
+    return F.cross_entropy(
+        logits_BSV.float().reshape(-1, logits_BSV.shape[-1]),
+        labels_BS.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices (decayed) and vectors such as biases and norm scales (not decayed)."""
+    decayed = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    exempt = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+
+
+class ReferenceTrainer:
+    """Trains `model` in place on the device its parameters live on.
+
+    Args:
+        model: a `fuyou.models.Transformer` (embed / blocks / head) with fp32 parameters.
+        lr, warmup_steps, total_steps, min_lr_ratio: the schedule (see fuyou.lr_schedule).
+        weight_decay, betas, eps: AdamW.
+        max_grad_norm: clip threshold, or None for no clipping (the norm is still reported).
+        precision: "fp32" or "bf16" (autocast; fp32 master weights).
+        activation_checkpointing: recompute each block in backward instead of keeping its
+            activations.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        lr: float,
+        warmup_steps: int,
+        total_steps: int,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        max_grad_norm: float | None = None,
+        precision: str = "fp32",
+        activation_checkpointing: bool = False,
+    ):
+        assert precision in ("fp32", "bf16"), precision
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.schedule = dict(peak_lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio)
+        self.max_grad_norm = max_grad_norm
+        self.precision = precision
+        self.activation_checkpointing = activation_checkpointing
+        self.optimizer = torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+        self.step_index = 0
+
+    def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V] under this trainer's precision and checkpointing settings."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            x_BSD = self.model.embed(input_ids_BS)
+            for block in self.model.blocks:
+                if self.activation_checkpointing and torch.is_grad_enabled():
+                    x_BSD = checkpoint(block, x_BSD, use_reentrant=False)
+                else:
+                    x_BSD = block(x_BSD)
+            return self.model.head(x_BSD)
+
+    def step(self, micro_batches: Sequence[Batch]) -> StepResult:
+        """One optimizer step over `micro_batches` (gradient accumulation = len(micro_batches))."""
+        self.model.train()
+        num_target_tokens = sum(batch.num_target_tokens for batch in micro_batches)
+        # A step whose micro-batches hold no target at all (possible with prompt-only data) must not
+        # divide by zero; its gradient is zero and AdamW still applies weight decay.
+        denominator = max(1, num_target_tokens)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            input_ids = batch.input_ids.to(self.device, non_blocking=True)
+            labels = batch.labels.to(self.device, non_blocking=True)
+            micro_loss_sum = causal_lm_loss_sum(self.forward(input_ids), labels)
+            (micro_loss_sum / denominator).backward()
+            loss_sum += micro_loss_sum.detach()
+
+        clip_to = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_to)
+
+        lr = lr_at_step(self.step_index, **self.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_index += 1
+        return StepResult(
+            loss=(loss_sum / denominator).item(),
+            grad_norm=grad_norm.item(),
+            lr=lr,
+            num_tokens=sum(batch.input_ids.numel() for batch in micro_batches),
+            num_target_tokens=num_target_tokens,
+        )
