@@ -1,0 +1,136 @@
+"""Named benchmark cases, run in one process, written as JSON and printed as a Markdown table.
+
+    python -m benchmarks.run --case ref-1.3b-bs4 --case ref-1.3b-ckpt-bs8
+    python -m benchmarks.run --list
+
+Each case is a config plus overrides, trained through the same `fuyou.Trainer` users run, so a
+figure here is what `fuyou train` with the printed command gives. Steps are few: throughput is the
+mean over the steps after the first (see fuyou.metrics.TrainSummary). Results go to
+benchmarks/results/<case>.json with date, device, commit and the equivalent command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    description: str
+    config: str
+    overrides: tuple[str, ...]
+
+    def command(self) -> str:
+        return shlex.join(["fuyou", "train", "--config", self.config, *self.overrides])
+
+
+_GPU_REFERENCE = ("runtime=reference", "device=cuda", "train.precision=bf16", "data.source=synthetic", "train.save_final=false")
+
+CASES = [
+    Case(
+        "ref-1.3b-bs4",
+        "reference trainer, GPT-3 1.3B shape, bf16 autocast, batch 4 x 2048, no activation checkpointing",
+        "configs/tiny.yaml",
+        ("model.preset=gpt3-1.3b", *_GPU_REFERENCE, "train.steps=12", "train.batch_size=4", "train.seq_len=2048", "train.lr=1e-4"),
+    ),
+    Case(
+        "ref-1.3b-ckpt-bs8",
+        "reference trainer, GPT-3 1.3B shape, bf16 autocast, batch 8 x 2048, activation checkpointing",
+        "configs/tiny.yaml",
+        (
+            "model.preset=gpt3-1.3b",
+            *_GPU_REFERENCE,
+            "train.steps=12",
+            "train.batch_size=8",
+            "train.seq_len=2048",
+            "train.lr=1e-4",
+            "train.activation_checkpointing=true",
+        ),
+    ),
+    Case(
+        "ref-tiny-cpu",
+        "reference trainer, tiny LLaMA on the CPU (a smoke test of this harness)",
+        "configs/tiny.yaml",
+        ("train.steps=5", "train.save_final=false"),
+    ),
+]
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"CPU (torch {torch.__version__})"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_case(case: Case) -> dict:
+    from fuyou.config import TrainConfig
+    from fuyou.trainer import Trainer
+
+    trainer = Trainer(TrainConfig.from_yaml(case.config, case.overrides), output_dir=None, progress=False)
+    summary = trainer.train()
+    return {
+        "case": case.name,
+        "description": case.description,
+        "device": _device_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": _commit(),
+        "command": case.command(),
+        "parameters": trainer.num_parameters,
+        "metrics": asdict(summary),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", action="append", default=[], help="case name (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the cases")
+    args = parser.parse_args(argv)
+    by_name = {case.name: case for case in CASES}
+    if args.list or not args.case:
+        for case in CASES:
+            print(f"{case.name:22s} {case.description}")
+        return 0
+    unknown = [name for name in args.case if name not in by_name]
+    if unknown:
+        print(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(by_name)}", file=sys.stderr)
+        return 2
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.case:
+        result = run_case(by_name[name])
+        (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        rows.append(result)
+        print(f"done {name}: {json.dumps(result['metrics'])}", flush=True)
+    print("\n| case | params | tokens/s | s/10k tok | model TFLOPS | peak GPU GiB | peak CPU GiB | loss first→last |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        m = row["metrics"]
+        print(
+            f"| {row['case']} | {row['parameters'] / 1e9:.2f}B | {m['tokens_per_s']:,.0f} | {m['s_per_10k_tokens']:.3f} | "
+            f"{m['model_tflops']:.1f} | {m['peak_gpu_bytes'] / 2**30:.1f} | {m['peak_cpu_bytes'] / 2**30:.1f} | "
+            f"{m['first_loss']:.3f}→{m['final_loss']:.3f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""`Trainer`: the one place that wires a config to a model, data and a runtime.
+
+The CLI parses arguments and calls this class; the Python API is the same class:
+
+    from fuyou import Trainer, TrainConfig
+    summary = Trainer(TrainConfig.from_yaml("configs/tiny.yaml", ["train.steps=20"]), output_dir="runs/x").train()
+
+Everything that can be wrong with the input (config, data, model directory, memory, disk space,
+output directory) is checked in `__init__`, before a byte is written, and raised as a one-line
+`FuyouError`. `train()` then writes, under `output_dir`:
+    config.yaml     the resolved config
+    metrics.jsonl   one JSON object per optimizer step (see fuyou.metrics)
+    final/          a Hugging Face directory (config.json + safetensors [+ tokenizer.json]),
+                    written to a temporary name and renamed, so it is never half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+
+from fuyou.config import TrainConfig
+from fuyou.data import build_dataset, check_vocab
+from fuyou.errors import ConfigError, FuyouError, ModelError
+from fuyou.metrics import MetricsLog, StepMetrics, TrainSummary, model_tflops, peak_cpu_bytes, peak_gpu_bytes, progress_postfix
+from fuyou.models import TransformerConfig, build_model, from_pretrained, get_preset, save_pretrained
+from fuyou.models.hf import config_from_hf
+from fuyou.reference import ReferenceTrainer
+from fuyou.tokenizer import HFTokenizer, load_tokenizer
+
+OUTPUT_FILES = ("config.yaml", "metrics.jsonl", "final")
+
+# fp32 weights + fp32 gradients + AdamW's two fp32 moments, per parameter. Activations come on top.
+REFERENCE_BYTES_PER_PARAM = 16
+
+
+class Trainer:
+    """Fine-tunes one model as `config` says.
+
+    Args:
+        config: the run (see fuyou.config).
+        output_dir: where config.yaml, metrics.jsonl and final/ go; None writes nothing.
+        overwrite: allow an `output_dir` that already holds a previous run's files (they are replaced).
+        progress: show a progress bar on stderr.
+
+    Raises:
+        FuyouError: anything wrong with the input, with a one-line message that says how to fix it.
+    """
+
+    def __init__(self, config: TrainConfig, *, output_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True):
+        config.validate()
+        self.config = config
+        self.progress = progress
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.overwrite = overwrite
+        self.device = _resolve_device(config.device)
+        train = config.train
+        self.precision = train.precision if train.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+
+        self.model_config = _resolve_model_config(config)
+        self.tokenizer = load_tokenizer(_resolve_tokenizer_spec(config))
+        check_vocab(self.tokenizer, self.model_config.vocab_size)
+        if train.seq_len > self.model_config.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len={train.seq_len} exceeds the model's max_seq_len={self.model_config.max_seq_len}; "
+                f"lower train.seq_len or raise model.max_seq_len"
+            )
+        self.num_parameters = self.model_config.num_parameters()
+        _check_memory(self.num_parameters, self.device)
+        self._check_output_dir()
+        if config.offload != type(config.offload)():
+            warnings.warn("the offload section is ignored by runtime=reference, which keeps every state on one device")
+
+        self.dataset = build_dataset(
+            source=config.data.source,
+            tokenizer=self.tokenizer,
+            seq_len=train.seq_len,
+            seed=config.seed,
+            format=config.data.format,
+            pack=config.data.pack,
+        )
+        torch.manual_seed(config.seed)
+        if config.model.path is not None:
+            self.model = from_pretrained(config.model.path, device=self.device, dtype=torch.float32)
+        else:
+            self.model = build_model(self.model_config, device=self.device, dtype=torch.float32, seed=config.seed)
+        self.runtime = ReferenceTrainer(
+            self.model,
+            lr=train.lr,
+            warmup_steps=train.warmup_steps,
+            total_steps=train.steps,
+            min_lr_ratio=train.min_lr_ratio,
+            weight_decay=train.weight_decay,
+            betas=(train.beta1, train.beta2),
+            eps=train.eps,
+            max_grad_norm=train.max_grad_norm,
+            precision=self.precision,
+            activation_checkpointing=train.activation_checkpointing,
+        )
+
+    def train(self) -> TrainSummary:
+        """Runs `train.steps` optimizer steps; returns the summary (also on Ctrl-C, for the steps done)."""
+        from tqdm import tqdm
+
+        train = self.config.train
+        metrics_path = None
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for name in OUTPUT_FILES:  # only reached with overwrite=True or an empty directory
+                _remove(self.output_dir / name)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            metrics_path = self.output_dir / "metrics.jsonl"
+        log = MetricsLog(metrics_path)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        batches = self.dataset.batches(train.batch_size)
+        history: list[StepMetrics] = []
+        total_tokens = 0
+        start_s = time.perf_counter()
+        bar = tqdm(total=train.steps, unit="step", dynamic_ncols=True, disable=not self.progress, desc="train")
+        try:
+            for step in range(1, train.steps + 1):
+                step_start_s = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(train.grad_accum)]
+                try:
+                    result = self.runtime.step(micro_batches)
+                except torch.cuda.OutOfMemoryError:
+                    raise FuyouError(
+                        f"GPU out of memory in step {step} (batch {train.batch_size} x {train.seq_len} tokens); "
+                        f"lower train.batch_size (and raise train.grad_accum) or set train.activation_checkpointing=true"
+                    ) from None
+                step_s = time.perf_counter() - step_start_s  # .item() in step() synchronised the device
+                total_tokens += result.num_tokens
+                metrics = StepMetrics(
+                    step=step,
+                    loss=result.loss,
+                    lr=result.lr,
+                    grad_norm=result.grad_norm,
+                    tokens=total_tokens,
+                    step_tokens=result.num_tokens,
+                    step_s=step_s,
+                    tokens_per_s=result.num_tokens / step_s,
+                    model_tflops=model_tflops(self.num_parameters, result.num_tokens, step_s),
+                    peak_gpu_bytes=peak_gpu_bytes(self.device),
+                    peak_cpu_bytes=peak_cpu_bytes(),
+                )
+                history.append(metrics)
+                log.write(metrics)
+                if step % train.log_every == 0 or step == train.steps:
+                    bar.set_postfix_str(progress_postfix(metrics), refresh=False)
+                bar.update(1)
+        except KeyboardInterrupt:
+            bar.write(f"interrupted after {len(history)} of {train.steps} steps; metrics so far are kept, no final model saved")
+            if not history:
+                raise
+            return TrainSummary.from_steps(history, time.perf_counter() - start_s, _str(self.output_dir))
+        finally:
+            bar.close()
+            log.close()
+
+        if self.output_dir is not None and train.save_final:
+            self._save_final()
+        return TrainSummary.from_steps(history, time.perf_counter() - start_s, _str(self.output_dir))
+
+    def _save_final(self) -> None:
+        """Writes final/ under a temporary name first, so an interrupted save leaves no half model."""
+        assert self.output_dir is not None
+        staging = self.output_dir / ".final.partial"
+        _remove(staging)
+        save_pretrained(self.model, staging)
+        if isinstance(self.tokenizer, HFTokenizer):
+            shutil.copyfile(self.tokenizer.path, staging / "tokenizer.json")
+        os.replace(staging, self.output_dir / "final")
+
+    def _check_output_dir(self) -> None:
+        if self.output_dir is None:
+            return
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--output {out} is a file; pass a directory")
+        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
+            raise ConfigError(f"output directory {out} is not empty; pass a new --output directory or --overwrite to replace its run")
+        if self.config.train.save_final:
+            need_bytes = self.num_parameters * 4 * 1.05  # fp32 safetensors plus headers and config
+            existing = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+            free_bytes = shutil.disk_usage(existing).free
+            if need_bytes > free_bytes:
+                raise FuyouError(
+                    f"saving the final model needs {need_bytes / 1e9:.1f} GB under {existing}, {free_bytes / 1e9:.1f} GB free; "
+                    f"free space, choose another --output, or set train.save_final=false"
+                )
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but PyTorch sees no CUDA GPU; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def _resolve_model_config(config: TrainConfig) -> TransformerConfig:
+    """The model's shape without allocating it: from model.path's config.json or preset + overrides."""
+    model = config.model
+    if model.path is not None:
+        config_path = Path(model.path) / "config.json"
+        if not config_path.is_file():
+            raise ModelError(f"model.path {model.path} has no config.json; point it at a Hugging Face model directory")
+        try:
+            return config_from_hf(json.loads(config_path.read_text()))
+        except json.JSONDecodeError as error:
+            raise ModelError(f"{config_path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    overrides = {
+        name: value
+        for name, value in vars(model).items()
+        if name not in ("preset", "path") and value is not None
+    }
+    return get_preset(model.preset).replace(**overrides)
+
+
+def _resolve_tokenizer_spec(config: TrainConfig) -> str:
+    spec = config.data.tokenizer
+    if spec != "auto":
+        return spec
+    if config.model.path is not None and (Path(config.model.path) / "tokenizer.json").is_file():
+        return config.model.path
+    return "byte"
+
+
+def _check_memory(num_parameters: int, device: torch.device) -> None:
+    """Refuses a model whose weights, gradients and AdamW state cannot fit on the device at all."""
+    need_bytes = num_parameters * REFERENCE_BYTES_PER_PARAM
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        where = "GPU"
+    else:
+        free_bytes = psutil.virtual_memory().available
+        where = "CPU"
+    if need_bytes > free_bytes:
+        raise FuyouError(
+            f"runtime=reference needs about {need_bytes / 1e9:.1f} GB of {where} memory for {num_parameters / 1e9:.2f}B parameters "
+            f"(fp32 weights, gradients and AdamW state, before activations), {free_bytes / 1e9:.1f} GB free; "
+            f"pick a smaller model.preset or a machine with more memory"
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
