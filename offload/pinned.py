@@ -8,6 +8,10 @@ addresses, sizes and offsets), and registered with `cudaHostRegister`, which pin
 pages. On a machine without CUDA nothing can be pinned: the buffers are the same aligned memory,
 unpinned, so O_DIRECT and every code path above still run in CI.
 
+Pages stay registered for as long as the pool holds a buffer, and the pool holds every buffer it
+made until `close()` (or its finalizer) unregisters them all: memory freed while still registered
+would make the next registration of the same addresses fail ("already mapped").
+
 Freed buffers go back to free lists keyed by capacity; a request takes the smallest free buffer
 of at least its size and at most 1/8 larger, so a steady-state schedule that asks for the same
 block sizes every step allocates nothing after the first step. Free buffers are counted in the
@@ -18,6 +22,7 @@ would not fit under the cap otherwise.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +62,12 @@ class HostBuffer:
 def _cuda_host_register(tensor: torch.Tensor) -> None:
     cudart = torch.cuda.cudart()
     error = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
-    assert int(error) == 0, f"cudaHostRegister failed: {error}"
+    if int(error) != 0:
+        cudart.cudaGetLastError()  # clear it, or torch reports it at its next unrelated CUDA call
+        raise OffloadError(
+            f"cudaHostRegister of {format_bytes(tensor.numel())} failed with CUDA error {int(error)}; "
+            "lower the CPU cap, or raise the locked-memory limit (ulimit -l)"
+        )
 
 
 def _cuda_host_unregister(tensor: torch.Tensor) -> None:
@@ -78,6 +88,8 @@ class PinnedPool:
         self.budget = Budget("pinned CPU", cap_bytes)
         self.num_allocations = 0  # grows only when no free buffer fits: a check that reuse works
         self._free: list[HostBuffer] = []
+        self._all: list[HostBuffer] = []  # out and free: unregistered together at close
+        self._finalizer = weakref.finalize(self, _drop_all, self._all)
         self._num_waitable_in_use = 0
         self._cond = threading.Condition()
 
@@ -115,10 +127,12 @@ class PinnedPool:
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Unpin and drop every free buffer (buffers still out are the caller's to release first)."""
+        """Unpin and drop every buffer, free or out; tensors still viewing one keep plain host memory."""
         with self._cond:
-            while self._free:
-                self._drop(self._free.pop())
+            self._free.clear()
+            for buffer in self._all:
+                self.budget.release(buffer.capacity_bytes)
+            self._finalizer()
 
     def report(self) -> dict:
         return {**self.budget.report(), "num_allocations": self.num_allocations, "pinned": self.pin}
@@ -151,10 +165,24 @@ class PinnedPool:
         if self.pin:
             _cuda_host_register(data)
         self.num_allocations += 1
-        return HostBuffer(data=data, capacity_bytes=capacity_bytes, pinned=self.pin, _backing=backing)
+        buffer = HostBuffer(data=data, capacity_bytes=capacity_bytes, pinned=self.pin, _backing=backing)
+        self._all.append(buffer)
+        return buffer
 
     def _drop(self, buffer: HostBuffer) -> None:
-        if buffer.pinned:
-            _cuda_host_unregister(buffer.data)
+        self._all.remove(buffer)
+        _unpin(buffer)
         self.budget.release(buffer.capacity_bytes)
-        buffer.data = buffer._backing = None
+
+
+def _unpin(buffer: HostBuffer) -> None:
+    if buffer.pinned:
+        _cuda_host_unregister(buffer.data)
+        buffer.pinned = False
+    buffer.data = buffer._backing = None
+
+
+def _drop_all(buffers: list[HostBuffer]) -> None:
+    # Module-level so that the pool's finalizer holds no reference to the pool.
+    while buffers:
+        _unpin(buffers.pop())

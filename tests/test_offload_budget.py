@@ -71,3 +71,13 @@ def test_store_peaks_stay_under_caps_with_many_moves(tmp_path):
             store.free(tensor)
         assert store.report()["cpu_pinned"]["peak_bytes"] <= cap_bytes
         assert store.report()["ssd"]["peak_bytes"] <= 4 << 20
+
+
+def test_pool_close_drops_buffers_still_out():
+    """Buffers still out at close are unpinned too (freed-while-registered memory breaks the next pin)."""
+    pool = PinnedPool(1 << 20, pin=torch.cuda.is_available())
+    kept = pool.acquire(10_000).view(10_000)
+    pool.close()
+    assert pool.budget.used_bytes == 0
+    kept.fill_(7)  # the memory itself lives on while a tensor views it
+    assert int(kept[-1]) == 7
