@@ -41,7 +41,7 @@ CASES = [
         "ref-1.3b-bs4",
         "reference trainer, GPT-3 1.3B shape, bf16 autocast, batch 4 x 2048, no activation checkpointing",
         "configs/tiny.yaml",
-        ("model.preset=gpt3-1.3b", *_GPU_REFERENCE, "train.steps=12", "train.batch_size=4", "train.seq_len=2048", "train.lr=1e-4"),
+        ("model.preset=gpt3-1.3b", *_GPU_REFERENCE, "train.steps=20", "train.batch_size=4", "train.seq_len=2048", "train.lr=1e-4"),
     ),
     Case(
         "ref-1.3b-ckpt-bs8",
@@ -50,7 +50,7 @@ CASES = [
         (
             "model.preset=gpt3-1.3b",
             *_GPU_REFERENCE,
-            "train.steps=12",
+            "train.steps=20",
             "train.batch_size=8",
             "train.seq_len=2048",
             "train.lr=1e-4",
