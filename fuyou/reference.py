@@ -25,10 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fuyou.data import Batch
+from fuyou.data import IGNORE_INDEX, Batch
 from fuyou.lr_schedule import lr_at_step
-
-IGNORE_INDEX = -100
 
 
 @dataclass
