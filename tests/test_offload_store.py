@@ -123,7 +123,8 @@ def test_no_ssd_tier_and_no_gpu_tier_say_so(tmp_path):
 
 def test_io_error_reaches_the_future(tmp_path):
     """A failing leg fails its future and every later move on the same tensor, not the process."""
-    store = TieredStore(ssd_dir=str(tmp_path), ssd_num_bytes=1 << 20, cpu_cap_bytes=1 << 20)
+    # posix: the test reaches into its file handle to make the disk fail.
+    store = TieredStore(ssd_dir=str(tmp_path), ssd_num_bytes=1 << 20, cpu_cap_bytes=1 << 20, backend="posix")
     try:
         on_ssd = store.empty((1000,), torch.float32, "ssd")
         store.swap.backend.close(store.swap._state["handle"])  # the disk goes away under the store
