@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -75,6 +76,9 @@ def _device_name() -> str:
 
 
 def _commit() -> str:
+    """The commit measured. The device machine gets a copy of the tree without .git: pass FUYOU_COMMIT."""
+    if os.environ.get("FUYOU_COMMIT"):
+        return os.environ["FUYOU_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
