@@ -10,7 +10,7 @@ Sections:
     data     where tokens come from and how they are tokenized and packed.
     train    the optimisation: steps, batch, sequence length, LR schedule, clipping, precision.
     offload  where each state class lives (GPU, CPU, SSD) and the memory caps; read by the Fuyou
-             runtime (issue 4) and its planner; the reference runtime keeps everything on one device.
+             runtime (fuyou.runtime) and its planner; the reference runtime keeps everything on one device.
 top level: runtime, device, seed.
 """
 
@@ -28,7 +28,7 @@ import yaml
 
 from fuyou.errors import ConfigError
 
-RUNTIMES = ("reference",)  # "fuyou" arrives with the runtime (issue 4)
+RUNTIMES = ("reference", "fuyou")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 PLACEMENTS = ("gpu", "cpu", "ssd")

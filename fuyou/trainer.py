@@ -34,6 +34,7 @@ from fuyou.metrics import MetricsLog, StepMetrics, TrainSummary, model_tflops, p
 from fuyou.models import TransformerConfig, build_model, from_pretrained, get_preset, save_pretrained
 from fuyou.models.hf import config_from_hf
 from fuyou.reference import ReferenceTrainer
+from fuyou.runtime import FuyouRuntime, Placement, check_fuyou_memory
 from fuyou.tokenizer import HFTokenizer, load_tokenizer
 
 OUTPUT_FILES = ("config.yaml", "metrics.jsonl", "final")
@@ -74,10 +75,14 @@ class Trainer:
                 f"lower train.seq_len or raise model.max_seq_len"
             )
         self.num_parameters = self.model_config.num_parameters()
-        _check_memory(self.num_parameters, self.device)
+        if config.runtime == "reference":
+            _check_memory(self.num_parameters, self.device)
+            if config.offload != type(config.offload)():
+                warnings.warn("the offload section is ignored by runtime=reference, which keeps every state on one device")
+        else:
+            placement = _fuyou_placement(config)  # validates before anything is built
+            check_fuyou_memory(self.num_parameters, placement, config.offload.ssd_dir)
         self._check_output_dir()
-        if config.offload != type(config.offload)():
-            warnings.warn("the offload section is ignored by runtime=reference, which keeps every state on one device")
 
         self.dataset = build_dataset(
             source=config.data.source,
@@ -88,12 +93,13 @@ class Trainer:
             pack=config.data.pack,
         )
         torch.manual_seed(config.seed)
+        # The Fuyou runtime takes the model from CPU memory and places its states itself.
+        model_device = self.device if config.runtime == "reference" else torch.device("cpu")
         if config.model.path is not None:
-            self.model = from_pretrained(config.model.path, device=self.device, dtype=torch.float32)
+            self.model = from_pretrained(config.model.path, device=model_device, dtype=torch.float32)
         else:
-            self.model = build_model(self.model_config, device=self.device, dtype=torch.float32, seed=config.seed)
-        self.runtime = ReferenceTrainer(
-            self.model,
+            self.model = build_model(self.model_config, device=model_device, dtype=torch.float32, seed=config.seed)
+        optimization = dict(
             lr=train.lr,
             warmup_steps=train.warmup_steps,
             total_steps=train.steps,
@@ -103,8 +109,22 @@ class Trainer:
             eps=train.eps,
             max_grad_norm=train.max_grad_norm,
             precision=self.precision,
-            activation_checkpointing=train.activation_checkpointing,
         )
+        if config.runtime == "reference":
+            self.runtime = ReferenceTrainer(self.model, activation_checkpointing=train.activation_checkpointing, **optimization)
+        else:
+            offload = config.offload
+            self.runtime = FuyouRuntime(
+                self.model,
+                device=self.device,
+                **optimization,
+                **vars(placement),
+                gpu_memory_gb=offload.gpu_memory_gb,
+                cpu_memory_gb=offload.cpu_memory_gb,
+                ssd_dir=offload.ssd_dir,
+                prefetch_depth=offload.prefetch_depth,
+                micro_batch_tokens=train.batch_size * train.seq_len,
+            )
 
     def train(self) -> TrainSummary:
         """Runs `train.steps` optimizer steps; returns the summary (also on Ctrl-C, for the steps done)."""
@@ -158,6 +178,8 @@ class Trainer:
                 if step % train.log_every == 0 or step == train.steps:
                     bar.set_postfix_str(progress_postfix(metrics), refresh=False)
                 bar.update(1)
+            if self.output_dir is not None and train.save_final:
+                self._save_final()
         except KeyboardInterrupt:
             bar.write(f"interrupted after {len(history)} of {train.steps} steps; metrics so far are kept, no final model saved")
             if not history:
@@ -166,9 +188,8 @@ class Trainer:
         finally:
             bar.close()
             log.close()
-
-        if self.output_dir is not None and train.save_final:
-            self._save_final()
+            if isinstance(self.runtime, FuyouRuntime):
+                self.runtime.close()  # swap files go with it
         return TrainSummary.from_steps(history, time.perf_counter() - start_s, _str(self.output_dir))
 
     def _save_final(self) -> None:
@@ -176,6 +197,8 @@ class Trainer:
         assert self.output_dir is not None
         staging = self.output_dir / ".final.partial"
         _remove(staging)
+        if isinstance(self.runtime, FuyouRuntime):
+            self.runtime.sync_model()
         save_pretrained(self.model, staging)
         if isinstance(self.tokenizer, HFTokenizer):
             shutil.copyfile(self.tokenizer.path, staging / "tokenizer.json")
@@ -251,6 +274,16 @@ def _check_memory(num_parameters: int, device: torch.device) -> None:
             f"(fp32 weights, gradients and AdamW state, before activations), {free_bytes / 1e9:.1f} GB free; "
             f"pick a smaller model.preset or a machine with more memory"
         )
+
+
+def _fuyou_placement(config: TrainConfig) -> Placement:
+    """offload.* as a Placement; unset entries take the defaults until the planner (issue 5) exists."""
+    offload, defaults = config.offload, Placement()
+    return Placement(
+        params=offload.params or defaults.params,
+        optimizer=offload.optimizer or defaults.optimizer,
+        activations=offload.activations or defaults.activations,
+    )
 
 
 def _remove(path: Path) -> None:

@@ -1,0 +1,235 @@
+"""The Fuyou step: forward and backward streamed block by block, the CPU optimizer overlapped with backward.
+
+Legend: block j in 0..L-1, micro-batch k in 0..K-1 (K = train.grad_accum), prefetch depth d.
+Shapes: B batch, S sequence, D hidden, V vocabulary. "Compute device": the GPU, or the CPU without one.
+
+One optimizer step, after the Fuyou paper (arXiv 2403.06504, sections 4.2-4.4):
+
+    for k in micro-batches:
+        forward   prologue:  load weights 0..d-1;  x_0 = embed(ids_k)
+                  steady:    load weights j+d | save x_j (swap out) | x_{j+1} = block_j(x_j) | free weights j
+                  epilogue:  logits = head(x_L); loss; dloss/dx_L
+        backward  prologue:  load weights L-1..L-d and x_{L-1}
+                  steady:    load weights j-d | load x_{j-1} | recompute block_j from x_j, backprop |
+                             free weights j | gradient of j -> CPU, accumulated; on the last k the CPU
+                             optimizer updates block j while the device goes on with block j-1
+                  epilogue:  backprop through embed; embedding/head gradients -> CPU, their update
+    after the last k: global gradient norm -> clip factor c; then (see "Clipping") the updates or
+    fix-ups that still have to run are queued in forward order, and the next step's forward of block j
+    waits only for block j's update, so those updates overlap the next forward.
+
+Clipping stays exact despite the overlap. When the previous step did not clip, this step speculates
+c = 1 and updates each block during backward (Fuyou's overlap); if the norm then asks for c < 1, an
+exact fix-up (offload.cpu_optimizer) corrects moments and weights from the kept gradient, queued in
+forward order so it overlaps the next step's forward. When the previous step clipped (clipping tends
+to persist, and fix-ups lose precision where moments are small), this step defers: every update runs
+after backward with the known c, again in forward order ahead of the next forward. Either way each
+step's updates are complete before the next step reads those weights: no stale updates.
+
+Gradient accumulation is exact: each micro-batch back-propagates its loss sum divided by the step's
+total target count, and block gradients are summed in fp32 on the CPU in micro-batch order, as the
+reference's `.grad` accumulation does. Embedding, final norm and LM head stay on the compute device in
+fp32 for the whole step (as the reference sees them under autocast); their `.grad` accumulates there
+(a tied embedding sums its two uses through autograd) and goes to the CPU once, after the last k.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from contextlib import nullcontext
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from offload.activations import ActivationSwap
+
+IGNORE_INDEX = -100
+
+
+class WeightStream:
+    """Block weights on the compute device along a visiting `order`, each fetched `depth` visits ahead.
+
+    Args:
+        order: block indices in the order compute uses them (a block may recur).
+        fetch: j -> future of block j's weight parts on the compute device.
+        release: (j, parts) -> None, once compute is done with them.
+        depth: how many visits ahead to fetch (0: fetch on demand).
+    """
+
+    def __init__(self, order: Sequence[int], fetch: Callable[[int], Future], release: Callable, depth: int) -> None:
+        self.order, self._fetch, self.release, self.depth = list(order), fetch, release, depth
+        self._loads: dict[int, Future] = {}
+        self._position = 0
+        for position in range(min(depth, len(self.order))):  # prologue: the first d loads
+            self._load(position)
+
+    def _load(self, position: int) -> Future:
+        if position not in self._loads:
+            self._loads[position] = self._fetch(self.order[position])
+        return self._loads[position]
+
+    def next(self) -> tuple[int, list[torch.Tensor]]:
+        """Waits for the next visit's weights and starts the load `depth` visits ahead of it."""
+        position = self._position
+        self._position += 1
+        if position + self.depth < len(self.order):
+            self._load(position + self.depth)
+        return self.order[position], self._load(position).result()
+
+
+def loss_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies in fp32, skipping IGNORE_INDEX labels."""
+    return F.cross_entropy(
+        logits_BSV.float().reshape(-1, logits_BSV.shape[-1]), labels_BS.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+class FuyouSchedule:
+    """Runs one optimizer step's forward, backward and optimizer hand-offs (module docstring).
+
+    Args:
+        model: the `Transformer`; its embedding/final norm/head parameters are resident on the
+            compute device, its blocks are templates (on "meta") called with streamed weights.
+        weights: the runtime's `BlockWeights` (fetch, release, views, offload_grads).
+        optimizer: `offload.cpu_optimizer.OffloadedAdamW` with groups "outer" and "block.{j}".
+        make_activations: () -> a fresh `ActivationSwap` for one micro-batch.
+        recompute_inputs: activations "none": keep only x_0 and recompute x_j in backward from it.
+        device: the compute device.
+        bf16: run blocks and head under bf16 autocast, as the reference does.
+        prefetch_depth: d.
+    """
+
+    def __init__(self, model, weights, optimizer, make_activations: Callable[[], ActivationSwap], *,
+                 recompute_inputs: bool, device: torch.device, bf16: bool, prefetch_depth: int) -> None:
+        self.model, self.weights, self.optimizer = model, weights, optimizer
+        self.make_activations, self.recompute_inputs = make_activations, recompute_inputs
+        self.device, self.bf16, self.depth = device, bf16, prefetch_depth
+        self.num_layers = len(model.blocks)
+        self.outer_parameters = [p for name, p in model.named_parameters() if not name.startswith("blocks.")]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def _stream(self, order: Sequence[int]) -> WeightStream:
+        return WeightStream(order, self.weights.fetch, self.weights.release, self.depth)
+
+    def _block(self, j: int, parts: list[torch.Tensor], x_BSD: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return functional_call(self.model.blocks[j], self.weights.views(j, parts), (x_BSD,))
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def step(self, micro_batches, *, lr: float, max_grad_norm: float | None, speculate: bool) -> tuple[float, float, float]:
+        """Forward, backward and the optimizer hand-offs of one step.
+
+        Returns:
+            (loss sum over all target tokens, unclipped global gradient norm, clip factor c).
+        """
+        L, K = self.num_layers, len(micro_batches)
+        denominator = max(1, sum(batch.num_target_tokens for batch in micro_batches))
+        self.optimizer.ready("outer").result()  # embedding and head hold the last update
+        total_loss = 0.0
+        for k, batch in enumerate(micro_batches):
+            input_ids_BS = batch.input_ids.to(self.device)
+            labels_BS = batch.labels.to(self.device)
+            last = k == K - 1
+            activations = self.make_activations()
+            micro_loss, grad_BSD = self._forward(input_ids_BS, labels_BS, denominator, activations)
+            total_loss += micro_loss
+            self._backward(input_ids_BS, grad_BSD, activations, first=k == 0, last=last,
+                           update_now=last and speculate, lr=lr)
+
+        grad_norm = self.optimizer.grad_norm()
+        clip = 1.0 if max_grad_norm is None else min(1.0, max_grad_norm / (grad_norm + 1e-6))
+        # Forward order, so the next step's forward of block j waits only for block j's update.
+        order = ["outer"] + [f"block.{j}" for j in range(L)]
+        for index, key in enumerate(order):
+            next_key = order[index + 1] if index + 1 < len(order) else None
+            if not speculate:
+                self.optimizer.update(key, lr=lr, clip=clip, next_key=next_key)
+            elif clip < 1.0:
+                self.optimizer.fix_up(key, lr=lr, clip=clip, next_key=next_key)
+        self.optimizer.end_step()
+        return total_loss, grad_norm, clip
+
+    # ---- forward of micro-batch k ---------------------------------------------------------------
+
+    def _forward(self, input_ids_BS, labels_BS, denominator: int, activations: ActivationSwap) -> tuple[float, torch.Tensor]:
+        L = self.num_layers
+        with torch.no_grad():
+            # prologue: the first d blocks' weights start moving while the embedding runs
+            weights = self._stream(range(L))
+            with self.autocast():
+                x_BSD = self.model.embed(input_ids_BS)
+            # steady state: load weights j+d | save x_j | compute block j | free weights j
+            for _ in range(L):
+                j, parts = weights.next()
+                if j == 0 or not self.recompute_inputs:
+                    activations.save(j, x_BSD)
+                x_BSD = self._block(j, parts, x_BSD)
+                weights.release(j, parts)
+        # epilogue: head and loss; its backward leaves the head's gradient in .grad and gives dloss/dx_L
+        x_BSD = x_BSD.detach().requires_grad_()
+        with self.autocast():
+            logits_BSV = self.model.head(x_BSD)
+        micro_loss = loss_sum(logits_BSV, labels_BS)
+        (micro_loss / denominator).backward()
+        return micro_loss.item(), x_BSD.grad
+
+    # ---- backward of micro-batch k ----------------------------------------------------------------
+
+    def _backward(self, input_ids_BS, grad_BSD, activations: ActivationSwap, *, first: bool, last: bool,
+                  update_now: bool, lr: float) -> None:
+        L = self.num_layers
+        # Visit order of weights: each block once, in reverse; with recomputed inputs, block j's
+        # input is first rebuilt from x_0 through blocks 0..j-1 (L(L-1)/2 extra block forwards).
+        order = []
+        for j in reversed(range(L)):
+            order += (list(range(j)) if self.recompute_inputs else []) + [j]
+        # prologue: weights L-1..L-d and x_{L-1} start moving
+        weights = self._stream(order)
+        activations.prefetch(L - 1)
+        # steady state: load weights j-d | load x_{j-1} | recompute and backprop block j | free weights j |
+        # gradient of j -> CPU (and, on the last micro-batch, block j's update on the CPU)
+        for j in reversed(range(L)):
+            activations.prefetch(j - 1)
+            x_in_BSD = self._rebuild_input(j, weights, activations)
+            visited, parts = weights.next()
+            assert visited == j
+            x_leaf_BSD = x_in_BSD.detach().requires_grad_()
+            leaves = [part.detach().requires_grad_() for part in parts]
+            with torch.enable_grad():
+                y_BSD = self._block(j, leaves, x_leaf_BSD)
+                grad_in_BSD, *grad_parts = torch.autograd.grad(y_BSD, [x_leaf_BSD, *leaves], grad_BSD)
+            del y_BSD, leaves, x_leaf_BSD
+            weights.release(j, parts)
+            if not self.recompute_inputs:
+                activations.drop(j, x_in_BSD)
+            self.weights.offload_grads(f"block.{j}", grad_parts, first=first, last=last)
+            if update_now:
+                self.optimizer.update(f"block.{j}", lr=lr, next_key=f"block.{j - 1}" if j > 0 else "outer")
+            grad_BSD = grad_in_BSD
+        # epilogue: through the embedding; the resident parameters' gradients go to the CPU once per step
+        with self.autocast():
+            x0_BSD = self.model.embed(input_ids_BS)
+        x0_BSD.backward(grad_BSD)
+        if self.recompute_inputs:
+            activations.drop(0, activations.load(0))
+        if last:
+            self.weights.offload_outer_grads(self.outer_parameters)
+            if update_now:
+                self.optimizer.update("outer", lr=lr)
+
+    def _rebuild_input(self, j: int, weights: WeightStream, activations: ActivationSwap) -> torch.Tensor:
+        """x_j: loaded from its checkpoint, or recomputed from x_0 (activations "none")."""
+        if not self.recompute_inputs or j == 0:
+            return activations.load(j)
+        x_BSD = activations.load(0)
+        with torch.no_grad():
+            for _ in range(j):
+                i, parts = weights.next()
+                x_BSD = self._block(i, parts, x_BSD)
+                weights.release(i, parts)
+        return x_BSD
