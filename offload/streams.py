@@ -4,8 +4,12 @@ One stream per direction, because H2D and D2H use separate copy engines and toge
 either alone on the H100 machine (55 + 55 -> 91 GB/s): putting both on one stream would serialize
 them. Each stream has one waiter thread that blocks on the recorded events in issue order (events
 on one stream complete in order) and completes the matching `Future`; `Event.synchronize` releases
-the GIL. Without CUDA there are no streams: host-to-host copies run on a small thread pool
-instead, so the runtime's schedule of futures is the same in CI.
+the GIL. The events are created with `cudaEventBlockingSync`, so a waiter sleeps until the GPU
+signals instead of spinning: with CUDA's default a waiter keeps a core 100% busy for as long as a
+copy is in flight, a core that the CPU optimizer and the SSD threads need (`spin_wait=True` brings
+the spinning back, for measuring its cost against the wake-up latency). Without CUDA there are no
+streams: host-to-host copies run on a small thread pool instead, so the runtime's schedule of
+futures is the same in CI.
 """
 
 from __future__ import annotations
@@ -51,10 +55,12 @@ class CopyEngine:
     Args:
         device: the CUDA device, or None on a machine without one.
         num_host_threads: threads for host-to-host copies.
+        spin_wait: waiter threads spin on their events instead of sleeping (see the module docstring).
     """
 
-    def __init__(self, device: torch.device | None, num_host_threads: int = 2) -> None:
+    def __init__(self, device: torch.device | None, num_host_threads: int = 2, spin_wait: bool = False) -> None:
         self.device = device
+        self.spin_wait = spin_wait
         self._host_pool = ThreadPoolExecutor(max_workers=num_host_threads, thread_name_prefix="offload-h2h")
         if device is not None:
             self.h2d_stream = torch.cuda.Stream(device)
@@ -65,7 +71,7 @@ class CopyEngine:
         """An event on the caller's current stream: the copy waits for work the caller issued before it."""
         if self.device is None:
             return None
-        return torch.cuda.current_stream(self.device).record_event()
+        return self._record(torch.cuda.current_stream(self.device))
 
     def wait_event(self, event: torch.cuda.Event) -> Future:
         """A future done once `event` has happened (used before kvikio touches device memory)."""
@@ -89,8 +95,13 @@ class CopyEngine:
             for tensor in (dst, src):
                 if tensor.is_cuda:
                     tensor.record_stream(stream)
-            done = stream.record_event()
+            done = self._record(stream)
         return kind, self._waiters[stream].submit(done)
+
+    def _record(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        event = torch.cuda.Event(blocking=not self.spin_wait)
+        event.record(stream)
+        return event
 
     def close(self) -> None:
         self._host_pool.shutdown(wait=True)
