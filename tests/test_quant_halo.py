@@ -1,0 +1,238 @@
+"""HALO: Hadamard rotations, FP8 GEMMs per level against float64 math, and training with the reference trainer.
+
+Tolerances. e4m3 rounds each operand to 3 mantissa bits (relative error <= 2^-4, ~2.5% RMS for Gaussian
+data); a GEMM of two such operands lands near 3.5-4% relative (Frobenius) error, so FP8 checks use 6%
+and also require > 0.5% to prove quantization really happened. Without quantization every rotation must
+cancel to float64 rounding (1e-12).
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fuyou.data import Batch
+from fuyou.models import build_model, get_preset
+from fuyou.reference import ReferenceTrainer
+from quant.halo import FP8_MAX, HaloLinear, apply_halo, halo_matmul, quantize_fp8
+from quant.hadamard import hadamard_layout, hadamard_matrix, rotate
+
+FP8_RTOL = 0.06
+EXACT_RTOL = 1e-12
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def sylvester(n):
+    """Independent reference for powers of two: H_2 ⊗ ... ⊗ H_2, normalised."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
+    return h / math.sqrt(n)
+
+
+@pytest.mark.parametrize("n", [2, 64, 12, 20, 28, 36, 44, 148, 28 * 8, 44 * 8, 20 * 16])
+def test_hadamard_is_orthogonal_and_fully_mixing(n):
+    h = hadamard_matrix(n)
+    torch.testing.assert_close(h @ h.t(), torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    # A full Hadamard matrix: every entry is +-1/sqrt(n), so an outlier is spread evenly over all n outputs.
+    torch.testing.assert_close(h.abs(), torch.full((n, n), 1 / math.sqrt(n), dtype=torch.float64))
+    assert hadamard_layout(n).is_full
+
+
+def test_power_of_two_equals_sylvester_and_rotates_any_axis():
+    torch.testing.assert_close(hadamard_matrix(64), sylvester(64), rtol=0, atol=1e-14)
+    h = hadamard_matrix(28 * 4)  # not symmetric (Paley I factor): checks the side each axis is multiplied on
+    x = torch.randn(28 * 4, 6, 28 * 4, dtype=torch.float64)
+    torch.testing.assert_close(rotate(x, -1), x @ h, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotate(x, 0), torch.einsum("ij,iab->jab", h, x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotate(x, 0, inverse=True), torch.einsum("ji,iab->jab", h, x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotate(rotate(x, 2), 2, inverse=True), x, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, dense", [(14336, 28), (28672, 28), (10240, 20), (18944, 148), (12288, 12), (4096, 1)])
+def test_llm_sizes_get_a_full_hadamard(n, dense):
+    """LLaMA-3 F=14336 (8B) and 28672 (70B), 70B's q/k/v rows 10240, Qwen2-7B F=18944, GPT-3 175B D=12288."""
+    layout = hadamard_layout(n)
+    assert layout.is_full and layout.dense == dense and layout.dense * layout.power == n
+    x = torch.randn(2, n, dtype=torch.float64)
+    y = rotate(x)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(rotate(y, inverse=True), x, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [66, 7, 2 * 9])
+def test_sizes_without_a_hadamard_fall_back_to_orthogonal_blocks(n):
+    h = hadamard_matrix(n)
+    torch.testing.assert_close(h @ h.t(), torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert not hadamard_layout(n).is_full
+
+
+def test_quantize_fp8_maps_the_largest_magnitude_to_448_and_rounds_to_e4m3():
+    x = torch.tensor([0.0, 1.0, -3.3, 7.0, 1000.0])
+    x_fp8, scale = quantize_fp8(x)
+    assert x_fp8.dtype == torch.float8_e4m3fn
+    assert scale.item() == pytest.approx(1000.0 / FP8_MAX)
+    assert x_fp8.float()[-1].item() == FP8_MAX
+    # Round-trip of a value already on the e4m3 grid (after scaling) is exact; others move <= 2^-4 relative.
+    dequantized = x_fp8.float() * scale
+    assert torch.all((dequantized - x).abs() <= x.abs() * 2**-4 + 1e-6)
+    assert quantize_fp8(torch.zeros(3))[1].item() == 1.0
+
+
+def gemm_case(seed, tokens=24, in_features=28 * 8, out_features=96, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, in_features, generator=generator, dtype=dtype)
+    w = torch.randn(out_features, in_features, generator=generator, dtype=dtype)
+    dy = torch.randn(tokens, out_features, generator=generator, dtype=dtype)
+    return x, w, dy
+
+
+def halo_gemms(x, w, dy, **kwargs):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = halo_matmul(x, w, **kwargs)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    return y.detach(), dx, dw
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_rotations_cancel_exactly_without_quantization(level):
+    """Q = identity: each of the three GEMMs equals float64 math, so every rotation is placed and undone right.
+
+    24 tokens and 224 = 28 * 8 features use the Paley x Sylvester path on both rotated axes.
+    """
+    x, w, dy = gemm_case(0)
+    y, dx, dw = halo_gemms(x, w, dy, level=level, quantize=False)
+    assert relative_error(y, x @ w.t()) < EXACT_RTOL
+    assert relative_error(dx, dy @ w) < EXACT_RTOL
+    assert relative_error(dw, dy.t() @ x) < EXACT_RTOL
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_each_fp8_gemm_is_within_e4m3_error_of_float64(level):
+    x, w, dy = gemm_case(1)
+    y, dx, dw = halo_gemms(x, w, dy, level=level)
+    for name, actual, expected in (("forward", y, x @ w.t()), ("input grad", dx, dy @ w), ("weight grad", dw, dy.t() @ x)):
+        error = relative_error(actual, expected)
+        assert 0.005 < error < FP8_RTOL, (name, error)
+
+
+def test_rotation_rescues_small_values_next_to_an_activation_outlier():
+    """One activation of 1e6 sets the per-tensor scale; the other tokens fall below e4m3's subnormal range
+    and their outputs are lost at level 0. Rotating along the input features (level 1) spreads the outlier
+    over its own row only, so the amax drops by sqrt(I) and the other tokens keep their FP8 precision."""
+    x, w, _ = gemm_case(2, tokens=64, in_features=1024)
+    x[3, 5] = 1e6
+    others = torch.arange(64) != 3
+    exact = x @ w.t()
+    level0 = relative_error(halo_matmul(x, w, level=0)[others], exact[others])
+    level1 = relative_error(halo_matmul(x, w, level=1)[others], exact[others])
+    assert level0 > 0.5 and level1 < FP8_RTOL, (level0, level1)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_halo_linear_matches_nn_linear(level):
+    torch.manual_seed(3)
+    linear = nn.Linear(28 * 4, 48, dtype=torch.float64)
+    x = torch.randn(2, 5, 28 * 4, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 5, 48, dtype=torch.float64)
+    expected_y = linear(x)
+    expected = torch.autograd.grad(expected_y, (x, linear.weight, linear.bias), dy)
+    for quantize, rtol in ((False, EXACT_RTOL), (True, FP8_RTOL)):
+        halo = HaloLinear.from_linear(linear, level=level, quantize=quantize)
+        assert halo.weight is linear.weight and halo.bias is linear.bias
+        y = halo(x)
+        grads = torch.autograd.grad(y, (x, halo.weight, halo.bias), dy)
+        assert relative_error(y, expected_y) < rtol
+        for actual, reference in zip(grads, expected):
+            assert relative_error(actual, reference) < rtol
+    # Finite differences agree with the analytic backward (possible only without the rounding of Q).
+    x_small = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    w_small = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: halo_matmul(a, b, level=level, quantize=False), (x_small, w_small))
+
+
+def test_frozen_weight_skips_the_weight_gradient():
+    x, w, dy = gemm_case(4)
+    x.requires_grad_()
+    y = halo_matmul(x, w, level=2)
+    (dx,) = torch.autograd.grad(y, (x,), dy)
+    assert relative_error(dx, dy @ w) < FP8_RTOL
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt3"])
+def test_apply_halo_swaps_every_block_linear_but_not_the_head(preset):
+    model = build_model(get_preset(preset), seed=0)
+    parameters_before = dict(model.named_parameters())
+    swapped = apply_halo(model, level=1)
+    per_block = 4  # qkv_proj, o_proj, up/gate_up_proj, down_proj
+    assert len(swapped) == per_block * model.config.num_layers
+    assert all(isinstance(model.get_submodule(name), HaloLinear) for name in swapped)
+    assert model.lm_head is None or type(model.lm_head) is nn.Linear
+    parameters_after = dict(model.named_parameters())
+    assert parameters_after.keys() == parameters_before.keys()
+    assert all(parameters_after[name] is parameters_before[name] for name in parameters_before)
+    assert apply_halo(model, level=1) == []  # idempotent: HaloLinear is not a plain nn.Linear
+
+
+def fixed_batches(seed, count, vocab_size, batch_size=4, seq_len=32):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
+        batches.append(Batch(input_ids=ids[:, :-1].contiguous(), labels=ids[:, 1:].contiguous()))
+    return batches
+
+
+SCHEDULE = dict(lr=3e-3, warmup_steps=2, total_steps=40, min_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0)
+
+
+def train(model, batches, steps, **kwargs):
+    trainer = ReferenceTrainer(model, **SCHEDULE, **kwargs)
+    return [trainer.step([batches[step % len(batches)]]).loss for step in range(steps)]
+
+
+def test_halo_level2_without_quantization_trains_exactly_like_the_reference():
+    """Rotations on all three GEMMs of every block, end to end through the reference trainer: same losses."""
+    base = build_model(get_preset("tiny-llama"), seed=0)
+    rotated = copy.deepcopy(base)
+    apply_halo(rotated, level=2, quantize=False)
+    batches = fixed_batches(0, 2, base.config.vocab_size)
+    expected, actual = train(base, batches, 4), train(rotated, batches, 4)
+    assert actual == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_halo_fp8_training_loss_falls_and_tracks_fp32(level):
+    base = build_model(get_preset("tiny-llama"), seed=0)
+    halo = copy.deepcopy(base)
+    apply_halo(halo, level=level)
+    batches = fixed_batches(1, 2, base.config.vocab_size)
+    expected, actual = train(base, batches, 30), train(halo, batches, 30)
+    assert actual[-1] < 0.2 * actual[0]  # memorising two batches: ln(512) = 6.26 -> ~0.87 (fp32: 0.85)
+    assert actual[-1] == pytest.approx(expected[-1], rel=0.05)  # seen: 1.6% (level 0) to 3.1% (level 1)
+
+
+def test_halo_runs_under_bf16_autocast_with_fp32_master_weights():
+    model = build_model(get_preset("tiny-gpt3"), seed=0)
+    apply_halo(model, level=2)
+    batches = fixed_batches(2, 1, model.config.vocab_size)
+    losses = train(model, batches, 3, precision="bf16")
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_scaled_mm_matches_the_simulated_gemm_on_cuda(level):
+    """torch._scaled_mm (FP8 tensor cores, fp32 accumulation) against the CPU simulation of the same FP8
+    values; only accumulation order and the bf16 output rounding (2^-8) differ. 100 tokens checks padding."""
+    x, w, dy = gemm_case(5, tokens=100, in_features=28 * 16, out_features=80, dtype=torch.bfloat16)
+    cpu = halo_gemms(x.float(), w.float(), dy.float(), level=level, out_dtype=torch.bfloat16)
+    gpu = halo_gemms(x.float().cuda(), w.float().cuda(), dy.float().cuda(), level=level, out_dtype=torch.bfloat16)
+    for actual, expected in zip(gpu, cpu):
+        assert relative_error(actual.cpu().float(), expected.float()) < 1e-2
