@@ -58,6 +58,39 @@ CASES = [
             "train.activation_checkpointing=true",
         ),
     ),
+    *(
+        Case(
+            f"fuyou-2.7b-ram-ga{grad_accum}",
+            f"Fuyou runtime, GPT-3 2.7B shape, bf16, every state in CPU RAM (params/optimizer/activations cpu), "
+            f"GPU capped at 24 GiB, batch 8 x 2048, grad_accum {grad_accum}",
+            "configs/tiny.yaml",
+            (
+                "model.preset=gpt3-2.7b",
+                "runtime=fuyou",
+                "device=cuda",
+                "train.precision=bf16",
+                "data.source=synthetic",
+                "train.save_final=false",
+                "train.steps=5",
+                "train.batch_size=8",
+                "train.seq_len=2048",
+                f"train.grad_accum={grad_accum}",
+                "train.lr=1e-4",
+                "offload.params=cpu",
+                "offload.optimizer=cpu",
+                "offload.activations=cpu",
+                "offload.gpu_memory_gb=24",
+                "offload.prefetch_depth=2",
+            ),
+        )
+        for grad_accum in (2, 4)
+    ),
+    Case(
+        "fuyou-tiny-cpu",
+        "Fuyou runtime, tiny LLaMA on the CPU with the optimizer state on SSD (a smoke test of this harness)",
+        "configs/tiny.yaml",
+        ("runtime=fuyou", "offload.optimizer=ssd", "train.steps=5", "train.save_final=false"),
+    ),
     Case(
         "ref-tiny-cpu",
         "reference trainer, tiny LLaMA on the CPU (a smoke test of this harness)",
@@ -100,6 +133,8 @@ def run_case(case: Case) -> dict:
         "command": case.command(),
         "parameters": trainer.num_parameters,
         "metrics": asdict(summary),
+        # The Fuyou runtime's breakdown (CPU optimizer worker seconds, update modes, tier peaks).
+        "runtime_stats": trainer.runtime.stats() if hasattr(trainer.runtime, "stats") else None,
     }
 
 

@@ -240,6 +240,7 @@ class FuyouRuntime:
         self.max_grad_norm = max_grad_norm
         self.step_index = 0
         self._clipped_last_step = False
+        self._final_stats: dict | None = None
         self.update_modes: list[str] = []  # per step: "speculated", "fixed up" or "deferred" (fuyou.schedule)
         is_cuda = self.device.type == "cuda"
         compute_tier = Tier.GPU if is_cuda else Tier.CPU
@@ -347,10 +348,18 @@ class FuyouRuntime:
                     for name, view in layout.views(master).items():
                         named[name].copy_(view)
 
+    def stats(self) -> dict:
+        """Where the step's time and memory went: CPU optimizer worker seconds, update modes, tier peaks."""
+        if self._final_stats is not None:
+            return self._final_stats
+        modes = {mode: self.update_modes.count(mode) for mode in sorted(set(self.update_modes))}
+        return {"optimizer_busy_s": dict(self.optimizer.busy_s), "update_modes": modes, "store": self.store.report()}
+
     def close(self) -> None:
         """Stop the optimizer, free every tier, remove the swap file (and its temporary directory)."""
         if getattr(self, "optimizer", None) is not None:
             self.optimizer.close()
+            self._final_stats = self.stats()
         if getattr(self, "store", None) is not None:
             self.store.close()
         if self._owned_ssd_dir is not None:

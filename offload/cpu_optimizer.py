@@ -30,8 +30,10 @@ heavy clipping), which is why the runtime only speculates when the previous step
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -50,7 +52,7 @@ class _Part:
     name: str  # the state's name in the store
     numel: int
     weight_decay: float
-    grad: torch.Tensor | None = None  # fp32 [numel] CPU accumulator of the current step
+    grad: torch.Tensor | None = None  # fp32 [numel] CPU accumulator of the current step, reused across steps
 
 
 @dataclass
@@ -116,6 +118,9 @@ class OffloadedAdamW:
         self.groups: dict[str, _Group] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-adamw")
         self._prefetched: dict[str, Future] = {}  # part name -> fetch of its state into a CPU tensor
+        # Worker seconds per kind of work (accumulate, update, fix_up, publish, state_wait): where the
+        # CPU side of a step goes, for benchmarks.
+        self.busy_s: dict[str, float] = collections.defaultdict(float)
         self._lock = threading.Lock()
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -150,14 +155,20 @@ class OffloadedAdamW:
 
         def task() -> float | None:
             arrived.result()
+            start_s = time.perf_counter()
             for part, grad in zip(group.parts, grads):
+                if part.grad is None:  # allocated once and reused: no page faults on every step
+                    part.grad = torch.empty(part.numel, dtype=torch.float32)
                 if first:
-                    part.grad = grad.to(torch.float32, copy=True).reshape(-1)
+                    part.grad.copy_(grad.reshape(-1))
                 else:
                     part.grad.add_(grad.reshape(-1))
+            sumsq = None
             if last:
-                return sum(torch.linalg.vector_norm(part.grad, dtype=torch.float64).item() ** 2 for part in group.parts)
-            return None
+                # fp32 norms per part, as torch.nn.utils.clip_grad_norm_ takes them per tensor.
+                sumsq = sum(torch.linalg.vector_norm(part.grad).item() ** 2 for part in group.parts)
+            self.busy_s["accumulate"] += time.perf_counter() - start_s
+            return sumsq
 
         future = self._worker.submit(task)
         if last:
@@ -183,7 +194,7 @@ class OffloadedAdamW:
                 self.kernel.step(part_state[MASTER], part.grad, part_state[EXP_AVG], part_state[EXP_AVG_SQ],
                                  step=group.step, lr=lr, weight_decay=part.weight_decay)
 
-        return self._submit_with_state(key, next_key, task)
+        return self._submit_with_state("update", key, next_key, task)
 
     def fix_up(self, key: str, *, lr: float, clip: float, next_key: str | None = None) -> Future:
         """Turn this step's speculative update of `key` (clip 1) into the update with `clip` (module docstring)."""
@@ -202,9 +213,9 @@ class OffloadedAdamW:
                 exp_avg_sq.sub_(part.grad.square(), alpha=(1 - beta2) * (1 - clip * clip)).clamp_(min=0)
                 master.add_(speculative.sub_(direction(exp_avg, exp_avg_sq)), alpha=lr)
 
-        return self._submit_with_state(key, next_key, task)
+        return self._submit_with_state("fix_up", key, next_key, task)
 
-    def _submit_with_state(self, key: str, next_key: str | None, compute: Callable[[list[torch.Tensor]], None]) -> Future:
+    def _submit_with_state(self, kind: str, key: str, next_key: str | None, compute: Callable[[list[torch.Tensor]], None]) -> Future:
         group = self.groups[key]
 
         def task() -> Future:
@@ -213,9 +224,15 @@ class OffloadedAdamW:
                 # Read ahead: the next group's state streams in while this one computes.
                 for part in self.groups[next_key].parts:
                     self._prefetch_state(part.name)
+            wait_start_s = time.perf_counter()
             state = [future.result() for future in state]
+            start_s = time.perf_counter()
+            self.busy_s["state_wait"] += start_s - wait_start_s
             compute(state)
+            compute_end_s = time.perf_counter()
+            self.busy_s[kind] += compute_end_s - start_s
             published = group.publish([part_state[MASTER] for part_state in state])
+            self.busy_s["publish"] += time.perf_counter() - compute_end_s
             if self.tier is Tier.SSD:
                 # Write back behind: the worker moves on; the store orders a later fetch after this write.
                 for part, part_state in zip(group.parts, state):
@@ -246,13 +263,15 @@ class OffloadedAdamW:
         return self.groups[key].ready
 
     def end_step(self) -> Future:
-        """Drop the step's gradients once every queued task has run; returns that moment's future."""
+        """Close the step's norm bookkeeping once every queued task has run; returns that moment's future.
+
+        The gradient buffers stay allocated for the next step (they are overwritten by its first
+        accumulation), so steady state allocates nothing.
+        """
 
         def task() -> None:
             for group in self.groups.values():
                 group.sumsq = None
-                for part in group.parts:
-                    part.grad = None
 
         return self._worker.submit(task)
 
