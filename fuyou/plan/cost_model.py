@@ -1,0 +1,493 @@
+"""Cost model of one Fuyou training step: FLOPs, bytes per link, overlap -> iteration time, TFLOPS and
+peak memory per tier, for a `Plan` on a `HardwareProfile`, from `TransformerConfig` numbers only (no
+tensor is allocated, so a 175B model prices in microseconds).
+
+Legend: L blocks, j a block, D hidden, H query heads, K key/value heads, E head dim, F feed-forward size,
+V vocabulary, B micro-batch, S sequence, T = B*S tokens of one micro-batch, A micro-batches per step
+(grad_accum), P_b parameters of one block, N parameters of the model, R the GPU's GEMM rate.
+
+The schedule priced here (fuyou/schedule.py, after the Fuyou paper, arXiv 2403.06504, section 4):
+    forward, per block j:   compute block j  ||  H2D weights j+d  ||  D2H x_j (swap)  ||  SSD read/write
+    head:                   logits, loss, dloss/dx_L
+    backward, per block j:  recompute + backprop block j  ||  H2D weights j-d and x_{j-1}  ||  D2H grads j
+                            ||  CPU AdamW on block j+1 (last micro-batch)  ||  SSD optimizer state r/w
+    epilogue:               block 0's and the outer group's (embeddings, head) gradients out, their
+                            updates, the outer weights back in: nothing left to overlap them with.
+Each stage's resources run concurrently, so a block's time is the max of its legs (compute, PCIe,
+SSD, CPU); a phase is L such steady-state block times; the prologue (first weights in) and the
+epilogue add on top. Iteration = A x (prologue + forward + head + backward) + epilogue.
+
+FLOP conventions (three, all reported; a multiply-add is 2 FLOPs):
+    hardware FLOPs  what the GPU executes: forward + backward (2 x forward) + recompute + head.
+                    Matmuls 2*T*(matmul weights); attention scores and values 4*B*S^2*H*E (the full
+                    S x S square, as Megatron counts it, although causal kernels skip about half).
+    model FLOPs     6 * N * tokens, the project's `model_tflops` metric (README): no recompute, no
+                    attention term, embeddings counted as if they were matmuls.
+    Megatron FLOPs  24 * c * B * S * L * D^2 * (1 + S/(6D) + V/(16 L D)), c = 4 with activation
+                    checkpointing (forward counted twice), 3 without: Narayanan et al. 2021 (Megatron-LM,
+                    appendix), the formula DeepSpeed/Megatron training scripts print. GPT layout (F = 4D)
+                    only; the usual yardstick of offloading papers.
+
+What it does NOT model (each a known source of error):
+    - non-GEMM time: norms, GELU/SiLU, softmax, residual adds, the loss, kernel launches, Python; the
+      GPU is taken to run every FLOP at `gpu_tflops` (a GEMM rate), so small batches are optimistic;
+    - GEMM efficiency falling at small shapes (a T of a few hundred tokens runs far below peak);
+    - causal attention doing half the S^2 work (it is counted in full, see above);
+    - contention: DRAM bandwidth shared by the CPU optimizer, PCIe DMA and SSD DMA; PCIe shared by the
+      GPU and the SSDs behind one root complex; CPU cores shared by I/O threads and the optimizer;
+    - jitter: per-block times are equal, so a prefetch depth beyond 1 buys no time here (only memory);
+    - SSD reads and writes overlapping each other (they share the drives: priced one after the other);
+    - filesystem, RAID and page-cache effects, GPUDirect, pinned-memory registration, first-step warm-up;
+    - the gradient norm / clipping pass and, when the previous step clipped, the deferred updates;
+    - allocator fragmentation beyond a fixed `GPU_RESERVED_BYTES`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields
+
+from fuyou.models import TransformerConfig
+from fuyou.plan.hardware import HardwareProfile
+from fuyou.plan.policy import Plan
+
+GiB = 1 << 30
+OPTIMIZER_BYTES_PER_PARAM = 12  # fp32 master + exp_avg + exp_avg_sq
+GRAD_ACCUMULATOR_BYTES_PER_PARAM = 4  # the runtime's fp32 gradient sum on the CPU
+OUTER_BYTES_PER_PARAM_ON_GPU = 8  # outer group (embeddings, head) resident in fp32, plus its fp32 .grad
+# CUDA context (~0.3-0.5 GiB) plus allocator slack: the part of the GPU no tensor of ours can use.
+GPU_RESERVED_BYTES = 1 * GiB
+
+
+# ---- FLOPs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockFlops:
+    """Forward FLOPs of one block for one micro-batch, split into the halves that can be swapped."""
+
+    attention: float  # 2T(qkv + o weights) + 4 B S^2 H E
+    mlp: float  # 2T(MLP weights)
+
+    @property
+    def forward(self) -> float:
+        return self.attention + self.mlp
+
+
+def block_matmul_params(model: TransformerConfig) -> tuple[int, int]:
+    """(attention, MLP) matmul weights of one block: biases and norms do no matmul."""
+    D, H, K, E, F = model.hidden_size, model.num_heads, model.kv_heads, model.head_dim, model.ffn_size
+    attention = D * (H + 2 * K) * E + H * E * D  # fused q/k/v projection, output projection
+    mlp = 2 * D * F if model.family == "gpt" else 3 * D * F  # up+down, or gate+up+down (SwiGLU)
+    return attention, mlp
+
+
+@functools.lru_cache(maxsize=1024)  # called per block and per candidate plan; the answer is tiny
+def block_forward_flops(model: TransformerConfig, micro_batch_size: int, seq_len: int) -> BlockFlops:
+    """Forward FLOPs of one block: 2 FLOPs per multiply-add of each matmul, plus attention's quadratic term
+    (Q K^T and softmax(.) V: 2 x 2*B*H*S*S*E)."""
+    T = micro_batch_size * seq_len
+    attention_params, mlp_params = block_matmul_params(model)
+    quadratic = 4 * micro_batch_size * seq_len * seq_len * model.num_heads * model.head_dim
+    return BlockFlops(attention=2 * T * attention_params + quadratic, mlp=2 * T * mlp_params)
+
+
+def head_forward_flops(model: TransformerConfig, tokens: int) -> float:
+    """LM head: logits = x W^T, 2*T*D*V."""
+    return 2 * tokens * model.hidden_size * model.vocab_size
+
+
+def recompute_flops_per_micro_batch(model: TransformerConfig, plan: Plan) -> float:
+    """Forward work redone in backward, all blocks, one micro-batch.
+
+    Checkpointed blocks recompute their forward from x_j, minus the halves whose internals were swapped.
+    With activations "none" block j also recomputes x_j from x_0: blocks 0..j-1 again, sum_j j = L(L-1)/2.
+    """
+    flops = block_forward_flops(model, plan.micro_batch_size, plan.seq_len)
+    L = model.num_layers
+    if plan.activations == "none":
+        return L * flops.forward + L * (L - 1) / 2 * flops.forward
+    return L * flops.forward - plan.swapped_attention_blocks * flops.attention - plan.swapped_mlp_blocks * flops.mlp
+
+
+def megatron_flops(model: TransformerConfig, batch_size: int, seq_len: int, checkpointing: bool = True) -> float:
+    """Narayanan et al. 2021: 24 c B S L D^2 (1 + S/(6D) + V/(16 L D)), c = 4 with checkpointing else 3."""
+    B, S, L, D, V = batch_size, seq_len, model.num_layers, model.hidden_size, model.vocab_size
+    c = 4 if checkpointing else 3
+    return 24 * c * B * S * L * D * D * (1 + S / (6 * D) + V / (16 * L * D))
+
+
+def model_flops(model: TransformerConfig, tokens: int) -> float:
+    """6 N tokens: forward 2N, backward 4N per token (Kaplan et al. 2020); the README's model TFLOPS."""
+    return 6 * model.num_parameters() * tokens
+
+
+# ---- bytes --------------------------------------------------------------------------------------
+
+
+def internals_elements_per_token(model: TransformerConfig) -> tuple[int, int]:
+    """(attention, MLP) elements autograd saves per token inside a block, beyond its input x_j.
+
+    attention: norm output (D, the q/k/v projection's input), q/k/v ((H+2K)E), the attention output (HE,
+               also the output projection's input); flash attention keeps no S x S matrix.
+    MLP:       the residual stream after attention (D), the norm output (D), the up projection's output
+               (F; SwiGLU: gate and up, 2F), the activation's output (F).
+    """
+    D, H, K, E, F = model.hidden_size, model.num_heads, model.kv_heads, model.head_dim, model.ffn_size
+    attention = D + (H + 2 * K) * E + H * E
+    mlp = 2 * D + (2 * F if model.family == "gpt" else 3 * F)
+    return attention, mlp
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Byte sizes one step moves or holds."""
+
+    block_param_bytes: int  # P_b x compute bytes: one block's streamed weights
+    block_grad_bytes: int  # P_b x compute bytes: one block's gradient on its way to the CPU
+    block_optimizer_bytes: int  # 12 P_b
+    checkpoint_bytes: int  # x_j: T x D x compute bytes
+    attention_internals_bytes: int
+    mlp_internals_bytes: int
+    outer_params: int  # parameters outside the blocks (embeddings, final norm, untied head)
+    num_params: int
+
+
+def sizes(model: TransformerConfig, plan: Plan) -> Sizes:
+    P_b, T, b = model.num_block_parameters(), plan.micro_batch_tokens, plan.compute_bytes
+    attention_elements, mlp_elements = internals_elements_per_token(model)
+    N = model.num_parameters()
+    return Sizes(
+        block_param_bytes=P_b * b,
+        block_grad_bytes=P_b * b,
+        block_optimizer_bytes=OPTIMIZER_BYTES_PER_PARAM * P_b,
+        checkpoint_bytes=T * model.hidden_size * b,
+        attention_internals_bytes=T * attention_elements * b,
+        mlp_internals_bytes=T * mlp_elements * b,
+        outer_params=N - model.num_layers * P_b,
+        num_params=N,
+    )
+
+
+# ---- time of one overlapped stage -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Legs:
+    """Work of one pipeline stage (one block in forward or backward), per resource."""
+
+    compute_flops: float = 0.0
+    h2d_bytes: float = 0.0
+    d2h_bytes: float = 0.0
+    ssd_read_bytes: float = 0.0
+    ssd_write_bytes: float = 0.0
+    optimizer_params: float = 0.0
+
+    def __add__(self, other: Legs) -> Legs:
+        return Legs(*(getattr(self, name) + getattr(other, name) for name in _LEG_FIELDS))
+
+    def scaled(self, factor: float) -> Legs:
+        return Legs(*(getattr(self, name) * factor for name in _LEG_FIELDS))
+
+
+_LEG_FIELDS = [f.name for f in fields(Legs)]
+
+
+@dataclass(frozen=True)
+class LegTimes:
+    compute_s: float
+    pcie_s: float  # both directions overlapped (see `leg_times`)
+    ssd_s: float
+    optimizer_s: float
+    h2d_s: float = 0.0  # each direction alone, for work that runs one step after the other
+    d2h_s: float = 0.0
+
+    @property
+    def overlapped_s(self) -> float:
+        """All resources at once: the slowest leg sets the pace."""
+        return max(self.compute_s, self.pcie_s, self.ssd_s, self.optimizer_s)
+
+    @property
+    def serial_s(self) -> float:
+        """One after the other (prologue and epilogue work that nothing hides): D2H, update, H2D in turn."""
+        return self.compute_s + self.h2d_s + self.d2h_s + self.ssd_s + self.optimizer_s
+
+    @property
+    def bottleneck(self) -> str:
+        times = {"compute": self.compute_s, "pcie": self.pcie_s, "ssd": self.ssd_s, "optimizer": self.optimizer_s}
+        return max(times, key=times.get)
+
+
+def leg_times(legs: Legs, hardware: HardwareProfile) -> LegTimes:
+    """Seconds each resource needs for `legs`.
+
+    compute  flops / gpu_tflops
+    PCIe     max(H2D / h2d, D2H / d2h, (H2D + D2H) / duplex): directions are separate lanes, but a
+             measured duplex rate below h2d + d2h caps them together
+    SSD      read / (count x read rate) + write / (count x write rate): striping scales with the count;
+             reads and writes share the drives, so they add
+    CPU      params / AdamW rate
+    """
+    h2d_s, d2h_s = legs.h2d_bytes / (hardware.h2d_gbps * 1e9), legs.d2h_bytes / (hardware.d2h_gbps * 1e9)
+    pcie_s = max(h2d_s, d2h_s)
+    if hardware.pcie_duplex_gbps is not None:
+        pcie_s = max(pcie_s, (legs.h2d_bytes + legs.d2h_bytes) / (hardware.pcie_duplex_gbps * 1e9))
+    ssd_s = 0.0
+    if legs.ssd_read_bytes or legs.ssd_write_bytes:
+        assert hardware.ssd_count > 0, "an SSD placement on a machine without SSDs (the planner rejects it)"
+        ssd_s = legs.ssd_read_bytes / (hardware.ssd_array_read_gbps * 1e9) + legs.ssd_write_bytes / (hardware.ssd_array_write_gbps * 1e9)
+    return LegTimes(
+        compute_s=legs.compute_flops / (hardware.gpu_tflops * 1e12),
+        pcie_s=pcie_s,
+        ssd_s=ssd_s,
+        optimizer_s=legs.optimizer_params / (hardware.cpu_adam_gparams_per_s * 1e9),
+        h2d_s=h2d_s,
+        d2h_s=d2h_s,
+    )
+
+
+# ---- the schedule -------------------------------------------------------------------------------
+
+
+def forward_block_legs(model: TransformerConfig, plan: Plan, size: Sizes, j: int) -> Legs:
+    """Block j's forward: compute it, bring weights j+d in, swap its saved activations out."""
+    flops = block_forward_flops(model, plan.micro_batch_size, plan.seq_len)
+    swapped_internals = _swapped_internals_bytes(plan, size, j)
+    checkpoint_out = size.checkpoint_bytes if plan.swaps_checkpoints else 0
+    return Legs(
+        compute_flops=flops.forward,
+        h2d_bytes=size.block_param_bytes if plan.streams_params else 0,
+        d2h_bytes=checkpoint_out + swapped_internals,
+        ssd_read_bytes=size.block_param_bytes if plan.params == "ssd" else 0,
+        ssd_write_bytes=(checkpoint_out if plan.activations == "ssd" else 0)
+        + (swapped_internals if plan.internals_tier == "ssd" else 0),
+    )
+
+
+def backward_block_legs(model: TransformerConfig, plan: Plan, size: Sizes, j: int) -> Legs:
+    """Block j's backward: recompute and backprop it, weights and saved activations back in.
+
+    Its gradient leaves, and (with `update`, on the last micro-batch) the CPU AdamW of the block and its
+    optimizer state's SSD traffic run, only after its compute: `predict` puts them on the next stage.
+    """
+    flops = block_forward_flops(model, plan.micro_batch_size, plan.seq_len)
+    L = model.num_layers
+    recompute = flops.forward
+    if j < plan.swapped_attention_blocks:
+        recompute -= flops.attention
+    if j < plan.swapped_mlp_blocks:
+        recompute -= flops.mlp
+    if plan.activations == "none":
+        recompute += j * flops.forward  # x_j rebuilt from x_0
+    swapped_internals = _swapped_internals_bytes(plan, size, j)
+    checkpoint_in = size.checkpoint_bytes if plan.swaps_checkpoints else 0
+    legs = Legs(
+        compute_flops=2 * flops.forward + recompute,
+        h2d_bytes=(size.block_param_bytes if plan.streams_params else 0) + checkpoint_in + swapped_internals,
+        ssd_read_bytes=(size.block_param_bytes if plan.params == "ssd" else 0)
+        + (checkpoint_in if plan.activations == "ssd" else 0)
+        + (swapped_internals if plan.internals_tier == "ssd" else 0),
+    )
+    assert 0 <= j < L
+    return legs
+
+
+def gradient_out_legs(model: TransformerConfig, plan: Plan, size: Sizes, update: bool) -> Legs:
+    """A finished block's gradient to the CPU and, with `update`, its AdamW step."""
+    legs = Legs(d2h_bytes=size.block_grad_bytes)
+    if update:
+        legs = legs + _update_legs(plan, size.block_optimizer_bytes, size.block_param_bytes, model.num_block_parameters())
+    return legs
+
+
+def _update_legs(plan: Plan, optimizer_bytes: int, param_bytes: int, num_params: int) -> Legs:
+    """One group's AdamW: read/write its state where it lives, publish the new compute-precision weights
+    (to the SSD when params live there; H2D when they are resident on the GPU; into RAM otherwise)."""
+    on_ssd = plan.optimizer == "ssd"
+    return Legs(
+        optimizer_params=num_params,
+        ssd_read_bytes=optimizer_bytes if on_ssd else 0,
+        ssd_write_bytes=(optimizer_bytes if on_ssd else 0) + (param_bytes if plan.params == "ssd" else 0),
+        h2d_bytes=param_bytes if plan.params == "gpu" else 0,
+    )
+
+
+def _swapped_internals_bytes(plan: Plan, size: Sizes, j: int) -> int:
+    # Swapped halves go to the lowest-index blocks: all blocks cost the same, so which ones does not matter.
+    return (size.attention_internals_bytes if j < plan.swapped_attention_blocks else 0) + (
+        size.mlp_internals_bytes if j < plan.swapped_mlp_blocks else 0
+    )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted step time, its breakdown, throughput and memory for one Plan on one machine.
+
+    The `*_busy_s` totals are how long each resource works in the step (overlapped or not); the phase
+    times add up to `iteration_s`.
+    """
+
+    plan: Plan
+    iteration_s: float
+    prologue_s: float  # first weights in, per micro-batch, times A
+    forward_s: float  # steady-state forward, all micro-batches
+    head_s: float
+    backward_s: float
+    epilogue_s: float
+    compute_busy_s: float
+    pcie_busy_s: float
+    ssd_busy_s: float
+    optimizer_busy_s: float
+    forward_bottleneck: str
+    backward_bottleneck: str
+    step_tokens: int
+    hardware_flops: float
+    model_flops: float
+    megatron_flops: float
+    gpu_peak_bytes: int
+    cpu_peak_bytes: int
+    ssd_bytes: int
+    pcie_bytes: int
+    ssd_traffic_bytes: int
+
+    @property
+    def tflops(self) -> float:
+        """Model TFLOPS: 6 N tokens / iteration time (the README's `model_tflops`)."""
+        return self.model_flops / self.iteration_s / 1e12
+
+    @property
+    def hardware_tflops(self) -> float:
+        return self.hardware_flops / self.iteration_s / 1e12
+
+    @property
+    def megatron_tflops(self) -> float:
+        return self.megatron_flops / self.iteration_s / 1e12
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.step_tokens / self.iteration_s
+
+
+def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile) -> Prediction:
+    """Prices one optimizer step of `plan` (see the module docstring for the schedule and what is left out)."""
+    assert plan.swapped_attention_blocks <= model.num_layers and plan.swapped_mlp_blocks <= model.num_layers
+    size = sizes(model, plan)
+    L, A = model.num_layers, plan.grad_accum
+    T = plan.micro_batch_tokens
+
+    forward_legs = [forward_block_legs(model, plan, size, j) for j in range(L)]
+    compute_legs = [backward_block_legs(model, plan, size, j) for j in range(L)]
+    # Block j's gradient leaves (and, on the last micro-batch, its update runs) while block j-1 computes:
+    # stage j carries block j+1's; stage L-1 carries none; block 0's is the epilogue (last micro-batch)
+    # or overlaps the next micro-batch's forward (not priced as time).
+    plain_out = gradient_out_legs(model, plan, size, update=False)
+    last_out = gradient_out_legs(model, plan, size, update=True)
+    timed: dict[Legs, LegTimes] = {}  # most blocks cost the same: price each distinct stage once
+
+    def times(legs: Legs) -> LegTimes:
+        if legs not in timed:
+            timed[legs] = leg_times(legs, hardware)
+        return timed[legs]
+
+    forward = [times(legs) for legs in forward_legs]
+    backward_plain = [times(legs + plain_out) if j < L - 1 else times(legs) for j, legs in enumerate(compute_legs)]
+    backward_last = [times(legs + last_out) if j < L - 1 else times(legs) for j, legs in enumerate(compute_legs)]
+
+    # prologue (per micro-batch): block 0's weights must arrive before it computes (the next d overlap it)
+    first_load = Legs(h2d_bytes=size.block_param_bytes if plan.streams_params else 0,
+                      ssd_read_bytes=size.block_param_bytes if plan.params == "ssd" else 0)
+    prologue_s = A * leg_times(first_load, hardware).serial_s
+    forward_s = A * sum(t.overlapped_s for t in forward)
+    head_flops = 3 * head_forward_flops(model, T)  # forward, and backward = 2 x forward
+    head_s = A * head_flops / (hardware.gpu_tflops * 1e12)
+    backward_s = (A - 1) * sum(t.overlapped_s for t in backward_plain) + sum(t.overlapped_s for t in backward_last)
+
+    # epilogue: block 0's gradient out and its update; the outer group's fp32 gradient out, its update, its
+    # fp32 weights back in. Serial: the next step's forward starts with exactly these weights.
+    outer = Legs(d2h_bytes=4 * size.outer_params, h2d_bytes=4 * size.outer_params) + _update_legs(
+        plan.replace(params="cpu"), OPTIMIZER_BYTES_PER_PARAM * size.outer_params, 0, size.outer_params
+    )
+    epilogue_s = leg_times(last_out, hardware).serial_s + leg_times(outer, hardware).serial_s
+
+    iteration_s = prologue_s + forward_s + head_s + backward_s + epilogue_s
+
+    # what each resource does in the whole step, overlapped or not (the breakdown)
+    total = sum([legs.scaled(A) for legs in forward_legs + compute_legs], Legs())
+    total = total + plain_out.scaled(L * (A - 1)) + last_out.scaled(L) + outer + first_load.scaled(A)
+    total_times = leg_times(total, hardware)
+    hardware_flops = total.compute_flops + A * head_flops
+
+    gpu, cpu, ssd = peak_memory(model, plan, size)
+    return Prediction(
+        plan=plan,
+        iteration_s=iteration_s,
+        prologue_s=prologue_s,
+        forward_s=forward_s,
+        head_s=head_s,
+        backward_s=backward_s,
+        epilogue_s=epilogue_s,
+        compute_busy_s=hardware_flops / (hardware.gpu_tflops * 1e12),
+        pcie_busy_s=total_times.pcie_s,
+        ssd_busy_s=total_times.ssd_s,
+        optimizer_busy_s=total_times.optimizer_s,
+        forward_bottleneck=_most_common(t.bottleneck for t in forward),
+        backward_bottleneck=_most_common(t.bottleneck for t in backward_last),
+        step_tokens=plan.step_tokens,
+        hardware_flops=hardware_flops,
+        model_flops=model_flops(model, plan.step_tokens),
+        megatron_flops=megatron_flops(model, plan.batch_size, plan.seq_len, checkpointing=True),
+        gpu_peak_bytes=gpu,
+        cpu_peak_bytes=cpu,
+        ssd_bytes=ssd,
+        pcie_bytes=int(total.h2d_bytes + total.d2h_bytes),
+        ssd_traffic_bytes=int(total.ssd_read_bytes + total.ssd_write_bytes),
+    )
+
+
+def _most_common(names) -> str:
+    names = list(names)
+    return max(set(names), key=names.count)
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+
+def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes) -> tuple[int, int, int]:
+    """(GPU, CPU, SSD) bytes at the step's peak.
+
+    GPU  reserved + outer group (fp32 weights and grads) + block weights (all L if resident, else the
+         block in use + d in flight) + one block's gradient + checkpoints (all L kept; or the two being
+         swapped) + the larger of: one block's recompute/backward working set, the head's logits working set.
+    CPU  fp32 gradient accumulator (4 N) + optimizer state if on CPU (12 N; on SSD: read-ahead, in-update and
+         write-behind buffers for 3 blocks) + weights if on CPU (all; on SSD: 2 staging blocks) + swapped
+         activations on CPU (one micro-batch's) + 2 pinned gradient staging blocks.
+    SSD  whatever lives there: weights, optimizer state, swapped activations of one micro-batch.
+    """
+    L, T, b = model.num_layers, plan.micro_batch_tokens, plan.compute_bytes
+    depth = plan.prefetch_depth
+    block_weights = L * size.block_param_bytes if plan.params == "gpu" else (depth + 1) * size.block_param_bytes
+    checkpoints = {"gpu": L, "cpu": 2, "ssd": 2, "none": 2}[plan.activations] * size.checkpoint_bytes
+    # working set of one block in backward: its recomputed internals, plus gradients of the largest
+    # intermediate (F wide, 2F for SwiGLU's gate/up) and of the residual stream (x_j and dx_j)
+    F_wide = model.ffn_size * (1 if model.family == "gpt" else 2)
+    block_working = size.attention_internals_bytes + size.mlp_internals_bytes + T * b * F_wide + 2 * size.checkpoint_bytes
+    # the head: logits (compute dtype), their fp32 log-softmax for the loss, and the logits' gradient
+    head_working = T * model.vocab_size * (b + 4 + b)
+    gpu = (GPU_RESERVED_BYTES + OUTER_BYTES_PER_PARAM_ON_GPU * size.outer_params + block_weights
+           + size.block_grad_bytes + checkpoints + max(block_working, head_working))
+
+    swapped_internals = (plan.swapped_attention_blocks * size.attention_internals_bytes
+                         + plan.swapped_mlp_blocks * size.mlp_internals_bytes)
+    N = size.num_params
+    optimizer_cpu = OPTIMIZER_BYTES_PER_PARAM * N if plan.optimizer == "cpu" else 3 * size.block_optimizer_bytes
+    weights_cpu = {"gpu": 0, "cpu": L * size.block_param_bytes, "ssd": 2 * size.block_param_bytes}[plan.params]
+    activations_cpu = (L * size.checkpoint_bytes if plan.activations == "cpu" else 0) + (
+        swapped_internals if plan.internals_tier == "cpu" else 0
+    )
+    cpu = GRAD_ACCUMULATOR_BYTES_PER_PARAM * N + optimizer_cpu + weights_cpu + activations_cpu + 2 * size.block_grad_bytes
+
+    ssd = ((L * size.block_param_bytes if plan.params == "ssd" else 0)
+           + (OPTIMIZER_BYTES_PER_PARAM * N if plan.optimizer == "ssd" else 0)
+           + (L * size.checkpoint_bytes if plan.activations == "ssd" else 0)
+           + (swapped_internals if plan.internals_tier == "ssd" else 0))
+    return int(gpu), int(cpu), int(ssd)

@@ -1,0 +1,123 @@
+"""The policy: one frozen `Plan` saying where each state class lives, what is swapped and what is
+recomputed, and how a step is cut into micro-batches. The cost model prices a Plan; the planner picks one.
+
+Vocabulary (the runtime's, fuyou/runtime.py):
+    params       the compute-precision copy of each block's weights that forward and backward stream:
+                 "gpu" resident, "cpu" or "ssd" streamed block by block.
+    optimizer    fp32 master weights + two AdamW moments (12 B/param); "cpu" or "ssd" (the optimizer
+                 runs on the CPU, so never "gpu").
+    activations  each block's checkpointed input x_j between forward and backward: "gpu" kept, "cpu"/"ssd"
+                 swapped out and back, "none" only x_0 kept (every x_j recomputed from it in backward).
+    block internals (Fuyou's finer swapping, section 4.4 of the paper; not yet in the runtime): the
+                 tensors autograd saves inside a block's attention or MLP half. Swapping a half's internals
+                 spares its recompute in backward. `swapped_attention_blocks`/`swapped_mlp_blocks` count the
+                 blocks whose halves are swapped; 0 and 0 is the runtime's behaviour (recompute every block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fuyou.errors import ConfigError
+
+PARAM_TIERS = ("gpu", "cpu", "ssd")
+OPTIMIZER_TIERS = ("cpu", "ssd")
+ACTIVATION_TIERS = ("gpu", "cpu", "ssd", "none")
+INTERNAL_TIERS = ("cpu", "ssd")
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One way to run a training step.
+
+    Attributes:
+        params, optimizer, activations: placements (module docstring).
+        micro_batch_size: sequences per forward/backward pass.
+        grad_accum: micro-batches per optimizer step.
+        seq_len: tokens per sequence.
+        prefetch_depth: blocks whose weights are fetched ahead of compute (0: on demand).
+        precision: "bf16" (blocks, activations and gradients moved in bf16) or "fp32".
+        swapped_attention_blocks, swapped_mlp_blocks: blocks whose attention / MLP internals are swapped
+            instead of recomputed (module docstring).
+        internals_tier: where swapped internals live ("cpu" or "ssd").
+    """
+
+    params: str
+    optimizer: str
+    activations: str
+    micro_batch_size: int
+    grad_accum: int
+    seq_len: int
+    prefetch_depth: int = 1
+    precision: str = "bf16"
+    swapped_attention_blocks: int = 0
+    swapped_mlp_blocks: int = 0
+    internals_tier: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for key, choices in (("params", PARAM_TIERS), ("optimizer", OPTIMIZER_TIERS),
+                             ("activations", ACTIVATION_TIERS), ("internals_tier", INTERNAL_TIERS),
+                             ("precision", PRECISIONS)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"plan {key} must be one of {', '.join(choices)}; got {getattr(self, key)!r}")
+        for key in ("micro_batch_size", "grad_accum", "seq_len"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"plan {key} must be >= 1, got {getattr(self, key)}")
+        for key in ("prefetch_depth", "swapped_attention_blocks", "swapped_mlp_blocks"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"plan {key} must be >= 0, got {getattr(self, key)}")
+        if self.activations == "none" and (self.swapped_attention_blocks or self.swapped_mlp_blocks):
+            raise ConfigError("plan activations=none recomputes every block input; it cannot also swap block internals")
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per optimizer step."""
+        return self.micro_batch_size * self.grad_accum
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        """T = micro-batch x sequence length: tokens per forward/backward pass."""
+        return self.micro_batch_size * self.seq_len
+
+    @property
+    def step_tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of streamed weights, activations and block gradients."""
+        return 2 if self.precision == "bf16" else 4
+
+    @property
+    def streams_params(self) -> bool:
+        return self.params != "gpu"
+
+    @property
+    def swaps_checkpoints(self) -> bool:
+        return self.activations in ("cpu", "ssd")
+
+    def replace(self, **changes) -> Plan:
+        return dataclasses.replace(self, **changes)
+
+    def config_overrides(self) -> list[str]:
+        """The `fuyou train` overrides that run this plan (the runtime swaps no block internals yet)."""
+        return [
+            f"offload.params={self.params}",
+            f"offload.optimizer={self.optimizer}",
+            f"offload.activations={self.activations}",
+            f"offload.prefetch_depth={self.prefetch_depth}",
+            f"train.batch_size={self.micro_batch_size}",
+            f"train.grad_accum={self.grad_accum}",
+            f"train.seq_len={self.seq_len}",
+        ]
+
+    def describe(self) -> str:
+        """One line, e.g. 'params cpu, optimizer ssd, activations cpu, micro-batch 8 x 4, depth 1'."""
+        text = (f"params {self.params}, optimizer {self.optimizer}, activations {self.activations}, "
+                f"micro-batch {self.micro_batch_size} x {self.grad_accum}, seq {self.seq_len}, depth {self.prefetch_depth}")
+        if self.swapped_attention_blocks or self.swapped_mlp_blocks:
+            text += (f", swapped internals attn {self.swapped_attention_blocks} / mlp {self.swapped_mlp_blocks} "
+                     f"blocks on {self.internals_tier}")
+        return text
