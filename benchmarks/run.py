@@ -60,9 +60,9 @@ CASES = [
     ),
     *(
         Case(
-            f"fuyou-2.7b-ram-ga{grad_accum}",
+            f"fuyou-2.7b-ram-b{batch_size}-ga{grad_accum}",
             f"Fuyou runtime, GPT-3 2.7B shape, bf16, every state in CPU RAM (params/optimizer/activations cpu), "
-            f"GPU capped at 24 GiB, batch 8 x 2048, grad_accum {grad_accum}",
+            f"GPU capped at 24 GiB, batch {batch_size} x 2048, grad_accum {grad_accum}",
             "configs/tiny.yaml",
             (
                 "model.preset=gpt3-2.7b",
@@ -72,7 +72,7 @@ CASES = [
                 "data.source=synthetic",
                 "train.save_final=false",
                 "train.steps=5",
-                "train.batch_size=8",
+                f"train.batch_size={batch_size}",
                 "train.seq_len=2048",
                 f"train.grad_accum={grad_accum}",
                 "train.lr=1e-4",
@@ -83,7 +83,7 @@ CASES = [
                 "offload.prefetch_depth=2",
             ),
         )
-        for grad_accum in (2, 4)
+        for batch_size, grad_accum in ((8, 2), (8, 4), (4, 8))
     ),
     Case(
         "fuyou-tiny-cpu",

@@ -76,7 +76,9 @@ class WeightStream:
         self._position += 1
         if position + self.depth < len(self.order):
             self._load(position + self.depth)
-        return self.order[position], self._load(position).result()
+        parts = self._load(position).result()
+        del self._loads[position]  # the future holds the weights: drop it, or every block stays alive
+        return self.order[position], parts
 
 
 def loss_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
