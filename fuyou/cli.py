@@ -51,6 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", type=Path, help="output directory (default: runs/<config name>-<date>-<time>)")
     train.add_argument("--overwrite", action="store_true", help="replace the run files in a non-empty --output")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+
+    plan = commands.add_parser(
+        "plan",
+        help="predict a run: placement, swapping, batch, iteration time, TFLOPS, memory",
+        description="Choose where parameters, optimizer state and activations live for a config's job on a "
+        "hardware profile, and predict its step (fuyou.plan). Nothing is allocated.",
+    )
+    plan.add_argument("--config", type=Path, help="YAML run config (default: built-in defaults)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=16")
+    plan.add_argument("--hardware", type=Path, help="hardware profile YAML (default: a quick probe of this machine)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object (iteration_s, tflops, feasible, ...)")
+    plan.add_argument("--search-batch", action="store_true", help="also choose the step's batch (powers of two up to the config's)")
+    plan.add_argument("--swap-internals", action="store_true",
+                      help="Fuyou's finer activation swapping (block internals); the runtime does not do it yet")
+
+    probe = commands.add_parser(
+        "probe",
+        help="measure this machine into a hardware profile",
+        description="Measure GEMM rates, host<->device copies, CPU AdamW, SSD read/write and capacities (fuyou.plan.probe).",
+    )
+    probe.add_argument("--ssd-dir", help="directory on the SSD(s) to test (default: the system temp directory)")
+    probe.add_argument("--output", type=Path, help="write the profile here (YAML); default: print it")
+    probe.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (CI); rates far below the hardware's")
     return parser
 
 
@@ -69,6 +92,39 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from fuyou.config import TrainConfig
+    from fuyou.plan import HardwareProfile
+    from fuyou.plan.probe import probe
+    from fuyou.plan.report import plan_config, to_json, to_text
+
+    config = TrainConfig.from_yaml(args.config, args.overrides)
+    if args.hardware is not None:
+        hardware = HardwareProfile.from_yaml(args.hardware)
+    else:
+        print("fuyou: no --hardware given: probing this machine (fuyou probe --quick)", file=sys.stderr)
+        hardware = probe(config.offload.ssd_dir, quick=True, log=lambda line: None)
+    report = plan_config(config, hardware, search_batch=args.search_batch, swap_internals=args.swap_internals)
+    print(json.dumps(to_json(report)) if args.json else to_text(report))
+    return 0 if report.feasible else 2
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from fuyou.plan.probe import probe, write_profile
+
+    profile = probe(args.ssd_dir, quick=args.quick, log=lambda line: print(line, file=sys.stderr))
+    if args.output is not None:
+        write_profile(profile, args.output)
+        print(f"wrote {args.output}")
+    else:
+        import yaml
+
+        print(yaml.safe_dump(profile.to_dict(), sort_keys=False, width=120), end="")
+    return 0
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"fuyou: warning: {message}", file=file or sys.stderr)
 
@@ -81,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "plan":
+            return run_plan(args)
+        if args.command == "probe":
+            return run_probe(args)
         raise AssertionError(f"unhandled command {args.command}")
     except FuyouError as error:
         print(f"fuyou: error: {error}", file=sys.stderr)

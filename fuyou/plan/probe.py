@@ -1,0 +1,222 @@
+"""`fuyou probe`: measure this machine into a `HardwareProfile`.
+
+What it measures (each a short timed loop after a warm-up; `quick` shrinks every size so CI runs it
+in seconds, at the price of rates well below the hardware's):
+    compute    CUDA: bf16 GEMM n^3 (n = 8192; quick 1024) and FP8 e4m3 `torch._scaled_mm` where the GPU
+               has FP8 (compute capability >= 8.9), else 0 with the reason in `source`.
+               CPU only: an fp32 matmul, written as `gpu_tflops` with `compute_device: cpu`.
+    PCIe       CUDA: pinned H2D and D2H copies of 1 GiB (quick 64 MiB), each alone and both at once on two
+               streams (`pcie_duplex_gbps`). CPU only: a host memory copy, the runtime's "transfer" there.
+    CPU AdamW  torch's fused CPU AdamW (foreach where fused is missing) over 256M fp32 params (quick 2M).
+    SSD        O_DIRECT writes then reads of a 2 GiB file (quick 32 MiB) under `ssd_dir` through
+               offload's `PosixBackend` (the store's own I/O path: 8 MiB pieces, 8 threads). The
+               directory is one "drive" (`ssd_count: 1`): point it at a RAID-0 and the array's rate is
+               what you get. Filesystems without O_DIRECT (tmpfs) give buffered, page-cache rates: noted.
+    capacity   free GPU memory, available RAM, free disk under `ssd_dir`, in GiB.
+Not measured: rates under contention (GEMM while copying, SSD while the optimizer runs), which the
+cost model does not use either.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from fuyou.errors import FuyouError
+from fuyou.plan.hardware import HardwareProfile
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def _timed(fn, repeats: int, synchronize=lambda: None) -> float:
+    """Seconds per call of `fn`, after one warm-up call."""
+    fn()
+    synchronize()
+    start_s = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize()
+    return (time.perf_counter() - start_s) / repeats
+
+
+def gemm_tflops(n: int, device: str, dtype: torch.dtype, repeats: int) -> float:
+    """2 n^3 FLOPs per n x n matmul."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return 2 * n**3 / _timed(lambda: a @ b, repeats, sync) / 1e12
+
+
+def fp8_tflops(n: int, repeats: int) -> tuple[float, str]:
+    """FP8 e4m3 GEMM through `torch._scaled_mm`, or (0, why not)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        return 0.0, f"no FP8 tensor cores (compute capability {torch.cuda.get_device_capability()})"
+    try:
+        a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # _scaled_mm wants b column-major
+        one = torch.ones((), device="cuda")
+        seconds = _timed(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                         repeats, torch.cuda.synchronize)
+        return 2 * n**3 / seconds / 1e12, "measured"
+    except (RuntimeError, AttributeError) as error:
+        return 0.0, f"torch._scaled_mm failed ({str(error).splitlines()[0][:80]})"
+
+
+def pcie_gbps(num_bytes: int, repeats: int) -> tuple[float, float, float]:
+    """(H2D, D2H, both at once summed) GB/s with pinned host memory."""
+    host_in = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+    host_out = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+    device_in = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    device_out = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    h2d_stream, d2h_stream = torch.cuda.Stream(), torch.cuda.Stream()
+    sync = torch.cuda.synchronize
+
+    def h2d():
+        with torch.cuda.stream(h2d_stream):
+            device_in.copy_(host_in, non_blocking=True)
+
+    def d2h():
+        with torch.cuda.stream(d2h_stream):
+            host_out.copy_(device_out, non_blocking=True)
+
+    def both():
+        h2d()
+        d2h()
+
+    h2d_s, d2h_s, both_s = (_timed(fn, repeats, sync) for fn in (h2d, d2h, both))
+    return num_bytes / h2d_s / 1e9, num_bytes / d2h_s / 1e9, 2 * num_bytes / both_s / 1e9
+
+
+def memcpy_gbps(num_bytes: int, repeats: int) -> float:
+    """Host copy rate (bytes copied per second), the CPU-only stand-in for PCIe."""
+    src = torch.empty(num_bytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    return num_bytes / _timed(lambda: dst.copy_(src), repeats) / 1e9
+
+
+def adam_gparams_per_s(num_params: int, repeats: int) -> tuple[float, str]:
+    """torch AdamW on CPU fp32 params; fused where this torch has it."""
+    param = torch.nn.Parameter(torch.zeros(num_params))
+    param.grad = torch.randn(num_params)
+    try:
+        optimizer, kind = torch.optim.AdamW([param], lr=1e-4, fused=True), "fused"
+        optimizer.step()
+    except (RuntimeError, TypeError):
+        optimizer, kind = torch.optim.AdamW([param], lr=1e-4, foreach=True), "foreach"
+    return num_params / _timed(optimizer.step, repeats) / 1e9, kind
+
+
+def _aligned(num_bytes: int) -> torch.Tensor:
+    backing = torch.empty(num_bytes + 4096, dtype=torch.uint8)
+    offset = (-backing.data_ptr()) % 4096
+    return backing[offset:offset + num_bytes]
+
+
+def ssd_gbps(directory: str, file_bytes: int, chunk_bytes: int = 64 * MiB) -> tuple[float, float, bool]:
+    """(write, read) GB/s of a `file_bytes` file under `directory` through offload's PosixBackend, and
+    whether the I/O bypassed the page cache (O_DIRECT)."""
+    from offload.ssd import PosixBackend
+
+    os.makedirs(directory, exist_ok=True)
+    chunk_bytes = min(chunk_bytes, file_bytes)
+    backend = PosixBackend()
+    fd, path = tempfile.mkstemp(prefix="fuyou-probe-", suffix=".bin", dir=directory)
+    try:
+        os.ftruncate(fd, file_bytes)
+        os.close(fd)
+        handle = backend.open(path)
+        buffers = [_aligned(chunk_bytes).fill_(7) for _ in range(4)]
+        offsets = range(0, file_bytes - chunk_bytes + 1, chunk_bytes)
+
+        def run(io) -> float:
+            start_s = time.perf_counter()
+            pending = [io(handle, buffers[i % len(buffers)], offset) for i, offset in enumerate(offsets)]
+            for future in pending:
+                future.result()
+            if io == backend.write:
+                os.fsync(handle.fd)
+            return time.perf_counter() - start_s
+
+        done_bytes = len(offsets) * chunk_bytes
+        write_s = run(backend.write)
+        os.posix_fadvise(handle.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # reads from the disk, not RAM
+        read_s = run(backend.read)
+        direct = handle.direct
+        backend.close(handle)
+    finally:
+        backend.shutdown()
+        os.unlink(path)
+    return done_bytes / write_s / 1e9, done_bytes / read_s / 1e9, direct
+
+
+def probe(ssd_dir: str | None = None, *, quick: bool = False, log=print) -> HardwareProfile:
+    """Measures this machine (see the module docstring).
+
+    Args:
+        ssd_dir: where to write the SSD test file (default: the system temp directory).
+        quick: small sizes, seconds in all (for CI); the rates are then far below the hardware's.
+        log: called with one line per measurement.
+    """
+    notes = [f"fuyou probe{' --quick' if quick else ''} {datetime.date.today().isoformat()} on {platform.node()}"]
+    ssd_dir = ssd_dir or tempfile.gettempdir()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        name = torch.cuda.get_device_name()
+        gpu_tflops = gemm_tflops(1024 if quick else 8192, "cuda", torch.bfloat16, 3 if quick else 20)
+        fp8, why = fp8_tflops(1024 if quick else 8192, 3 if quick else 20)
+        notes.append(f"GPU {name}: bf16 GEMM measured; FP8 {why}")
+        gpu_memory_gb = torch.cuda.mem_get_info()[1] / GiB
+        h2d, d2h, duplex = pcie_gbps((64 * MiB) if quick else GiB, 3 if quick else 10)
+    else:
+        name = "cpu"
+        threads = torch.get_num_threads()
+        gpu_tflops = gemm_tflops(256 if quick else 2048, "cpu", torch.float32, 3 if quick else 10)
+        fp8, duplex = 0.0, None
+        notes.append(f"no CUDA GPU: compute_device cpu, gpu_tflops is an fp32 CPU matmul on {threads} threads, "
+                     "h2d/d2h a host memory copy, gpu_fp8_tflops 0 (absent)")
+        gpu_memory_gb = psutil.virtual_memory().available / GiB
+        h2d = d2h = memcpy_gbps((64 * MiB) if quick else GiB, 3 if quick else 10)
+    log(f"compute: {gpu_tflops:.2f} TFLOPS ({'bf16' if cuda else 'fp32 CPU'}), FP8 {fp8:.1f}")
+    log(f"transfers: H2D {h2d:.1f} GB/s, D2H {d2h:.1f} GB/s" + (f", both at once {duplex:.1f} GB/s" if duplex else ""))
+    adam, kind = adam_gparams_per_s((2 << 20) if quick else (256 << 20), 2 if quick else 5)
+    notes.append(f"CPU AdamW: torch {kind}, {torch.get_num_threads()} threads")
+    log(f"CPU AdamW ({kind}): {adam:.2f} Gparam/s")
+    try:
+        write, read, direct = ssd_gbps(ssd_dir, (32 * MiB) if quick else 2 * GiB)
+    except OSError as error:
+        raise FuyouError(f"cannot test the SSD under {ssd_dir} ({error.strerror or error}); pass --ssd-dir "
+                         "a writable directory on the SSD(s)") from None
+    notes.append(f"SSD under {ssd_dir}: {'O_DIRECT' if direct else 'buffered (no O_DIRECT there: page-cache rates, not the disk)'}, "
+                 "one drive as the OS sees it")
+    log(f"SSD {ssd_dir}: write {write:.2f} GB/s, read {read:.2f} GB/s{'' if direct else ' (buffered)'}")
+    profile = HardwareProfile(
+        name=f"probed-{platform.node() or 'machine'}",
+        compute_device="cuda" if cuda else "cpu",
+        gpu_tflops=gpu_tflops,
+        gpu_fp8_tflops=fp8,
+        gpu_memory_gb=round(gpu_memory_gb, 2),
+        h2d_gbps=h2d,
+        d2h_gbps=d2h,
+        pcie_duplex_gbps=duplex,
+        cpu_memory_gb=round(psutil.virtual_memory().available / GiB, 1),
+        cpu_adam_gparams_per_s=adam,
+        ssd_read_gbps=read,
+        ssd_write_gbps=write,
+        ssd_count=1,
+        ssd_capacity_gb=round(shutil.disk_usage(ssd_dir).free / GiB, 1),
+        source="; ".join(notes),
+    )
+    return profile
+
+
+def write_profile(profile: HardwareProfile, path: str | Path) -> None:
+    profile.to_yaml(path, header=f"{profile.name}: written by fuyou probe\n{profile.source}")
