@@ -236,3 +236,18 @@ def test_scaled_mm_matches_the_simulated_gemm_on_cuda(level):
     gpu = halo_gemms(x.float().cuda(), w.float().cuda(), dy.float().cuda(), level=level, out_dtype=torch.bfloat16)
     for actual, expected in zip(gpu, cpu):
         assert relative_error(actual.cpu().float(), expected.float()) < 1e-2
+
+
+def test_halo_under_lora_trains_only_the_adapters():
+    """HALO base GEMMs with peft LoRA on top: peft wraps HaloLinear as the nn.Linear it is."""
+    peft = pytest.importorskip("peft")
+    model = build_model(get_preset("tiny-llama"), seed=0)
+    apply_halo(model, level=1)
+    model.requires_grad_(False)
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    lora = peft.get_peft_model(model, config)
+    assert isinstance(lora.get_base_model().blocks[0].attn.qkv_proj.get_base_layer(), HaloLinear)
+    frozen = lora.get_base_model().blocks[0].attn.qkv_proj.get_base_layer().weight.detach().clone()
+    losses = train(lora, fixed_batches(3, 1, model.config.vocab_size), 10)
+    assert losses[-1] < 0.92 * losses[0], losses  # rank-8 adapters, 10 warm-up-scale steps: 6.27 -> 5.58
+    assert torch.equal(lora.get_base_model().blocks[0].attn.qkv_proj.get_base_layer().weight, frozen)
