@@ -5,11 +5,15 @@ either alone on the H100 machine (55 + 55 -> 91 GB/s): putting both on one strea
 them. Each stream has one waiter thread that blocks on the recorded events in issue order (events
 on one stream complete in order) and completes the matching `Future`; `Event.synchronize` releases
 the GIL. The events are created with `cudaEventBlockingSync`, so a waiter sleeps until the GPU
-signals instead of spinning: with CUDA's default a waiter keeps a core 100% busy for as long as a
-copy is in flight, a core that the CPU optimizer and the SSD threads need (`spin_wait=True` brings
-the spinning back, for measuring its cost against the wake-up latency). Without CUDA there are no
-streams: host-to-host copies run on a small thread pool instead, so the runtime's schedule of
-futures is the same in CI.
+signals instead of spinning: with CUDA's default a waiter keeps a core busy for as long as a copy
+is in flight (or waits on compute), a core that the CPU optimizer and the SSD threads need. On the
+H100 machine (benchmarks/RESULTS.md, issue 3) spinning took 0.08 CPU-s per 80 ms pass of 256 MiB
+copies, one core, against 0.01 s sleeping, at the same 54 GB/s. The price is wake-up latency:
+with 16 MiB moves (0.3 ms each) and only two in flight, D2H fell to a median 25 GB/s sleeping
+against 47 spinning (H2D: 44 either way), so small moves want more of them in flight (expected to
+hide the latency; not yet measured). `spin_wait=True` brings the spinning back. Without CUDA
+there are no streams: host-to-host copies run on a small thread pool instead, so the runtime's
+schedule of futures is the same in CI.
 """
 
 from __future__ import annotations
