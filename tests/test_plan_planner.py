@@ -95,3 +95,14 @@ def test_fuyou_probe_quick_writes_a_loadable_profile(tmp_path, capsys):
     # and the planner runs on what it measured (a tiny model: this CPU machine cannot hold much more)
     assert main(["plan", "--config", str(ROOT / "configs" / "tiny.yaml"), "--hardware", str(output), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["feasible"] is True
+
+
+def test_published_comparison_compute_bound_end_stays_within_the_goal():
+    """benchmarks/fuyou_published.md: the compute-bound batches within +-15% of Fuyou's published TFLOPS."""
+    from benchmarks.published import CASES, FUYOU_PLACEMENT, predict_case
+
+    for case in CASES:
+        if case.batch_size >= 32:
+            p = predict_case(case, TESTBED, FUYOU_PLACEMENT)
+            assert abs(p.megatron_tflops / case.published_tflops - 1) < 0.15, case
+    assert "| 64 | 155.8 |" in (ROOT / "benchmarks" / "fuyou_published.md").read_text()
