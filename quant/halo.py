@@ -8,7 +8,8 @@ row or column is spread out before the per-tensor scale is chosen.
 Legend: T tokens (batch x sequence, flattened), I input features, O output features. H_I, H_T are the
 orthogonal Hadamard matrices of orders I and T (H H^T = I). Q(.) is per-tensor FP8 quantization.
 
-Where the rotations go (the "levels" of the paper and of its reference code, IST-DASLab/HALO `qllmt`):
+Where the rotations go (the paper's levels; in its reference code, IST-DASLab/HALO `qllmt`, these are the
+variants that reuse the forward's rotated operands in backward, `HaloFnLevel{1,2}WithQFSDPBackwardXH`):
 
     GEMM (reduces over)           level 0            level 1                          level 2
     forward  Y  = X W^T   (I)     Q(X) Q(W)^T        Q(X H_I) Q(W H_I)^T              as level 1
@@ -31,8 +32,10 @@ Numerics. e4m3 keeps 3 mantissa bits (relative rounding error <= 2^-4) and a ran
 scaled so that its largest magnitude maps to 448. On CUDA the GEMM is `torch._scaled_mm` (FP8 inputs,
 fp32 accumulation, bf16 or fp32 output). Elsewhere it is simulated: the same FP8 values are dequantized
 and multiplied in fp32 (fp64 for fp64 inputs), which is what the CPU tests check against float64 math.
-`quantize=False` keeps every rotation but skips Q, so tests can prove the rotations are placed and
-undone right to rounding error.
+Because e4m3 is a float format, moderate outliers cost little even at level 0; rotations pay off once a
+tensor's dynamic range exceeds e4m3's (~2^17, see the outlier test), and matter more for integer formats
+(the reference code's README runs FP8 at level 0 and INT8 at level 2). `quantize=False` keeps every
+rotation but skips Q, so tests can prove the rotations are placed and undone right to rounding error.
 """
 
 from __future__ import annotations
@@ -215,7 +218,7 @@ class HaloLinear(nn.Linear):
         out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         y_TO = halo_matmul(x.reshape(-1, self.in_features), self.weight, level=self.level,
                            quantize=self.quantize, out_dtype=out_dtype)
-        y = y_TO.view(*x.shape[:-1], self.out_features)
+        y = y_TO.reshape(*x.shape[:-1], self.out_features)  # reshape: a padded _scaled_mm result is a slice
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

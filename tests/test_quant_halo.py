@@ -7,6 +7,7 @@ cancel to float64 rounding (1e-12).
 """
 
 import copy
+import functools
 import math
 
 import pytest
@@ -116,7 +117,8 @@ def test_rotations_cancel_exactly_without_quantization(level):
 def test_each_fp8_gemm_is_within_e4m3_error_of_float64(level):
     x, w, dy = gemm_case(1)
     y, dx, dw = halo_gemms(x, w, dy, level=level)
-    for name, actual, expected in (("forward", y, x @ w.t()), ("input grad", dx, dy @ w), ("weight grad", dw, dy.t() @ x)):
+    cases = (("forward", y, x @ w.t()), ("input grad", dx, dy @ w), ("weight grad", dw, dy.t() @ x))
+    for name, actual, expected in cases:
         error = relative_error(actual, expected)
         assert 0.005 < error < FP8_RTOL, (name, error)
 
@@ -188,7 +190,7 @@ def fixed_batches(seed, count, vocab_size, batch_size=4, seq_len=32):
     return batches
 
 
-SCHEDULE = dict(lr=3e-3, warmup_steps=2, total_steps=40, min_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0)
+SCHEDULE = dict(lr=3e-3, warmup_steps=2, total_steps=20, min_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0)
 
 
 def train(model, batches, steps, **kwargs):
@@ -206,15 +208,24 @@ def test_halo_level2_without_quantization_trains_exactly_like_the_reference():
     assert actual == pytest.approx(expected, rel=1e-5)
 
 
+TRACKING_STEPS = 20
+
+
+@functools.lru_cache(maxsize=None)
+def fp32_losses(steps):
+    """The fp32 reference run every HALO level is compared with (computed once per session)."""
+    model = build_model(get_preset("tiny-llama"), seed=0)
+    return train(model, fixed_batches(1, 2, model.config.vocab_size, batch_size=2), steps)
+
+
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_halo_fp8_training_loss_falls_and_tracks_fp32(level):
-    base = build_model(get_preset("tiny-llama"), seed=0)
-    halo = copy.deepcopy(base)
+    halo = build_model(get_preset("tiny-llama"), seed=0)
     apply_halo(halo, level=level)
-    batches = fixed_batches(1, 2, base.config.vocab_size)
-    expected, actual = train(base, batches, 30), train(halo, batches, 30)
-    assert actual[-1] < 0.2 * actual[0]  # memorising two batches: ln(512) = 6.26 -> ~0.87 (fp32: 0.85)
-    assert actual[-1] == pytest.approx(expected[-1], rel=0.05)  # seen: 1.6% (level 0) to 3.1% (level 1)
+    actual = train(halo, fixed_batches(1, 2, halo.config.vocab_size, batch_size=2), TRACKING_STEPS)
+    expected = fp32_losses(TRACKING_STEPS)
+    assert actual[-1] < 0.5 * actual[0]  # memorising two batches: ln(512) = 6.26 -> ~2.7 (fp32: 2.71)
+    assert actual[-1] == pytest.approx(expected[-1], rel=0.05)  # seen: 0.2% (level 1) to 1.2% (level 0)
 
 
 def test_halo_runs_under_bf16_autocast_with_fp32_master_weights():
@@ -244,7 +255,8 @@ def test_halo_under_lora_trains_only_the_adapters():
     model = build_model(get_preset("tiny-llama"), seed=0)
     apply_halo(model, level=1)
     model.requires_grad_(False)
-    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
     lora = peft.get_peft_model(model, config)
     assert isinstance(lora.get_base_model().blocks[0].attn.qkv_proj.get_base_layer(), HaloLinear)
     frozen = lora.get_base_model().blocks[0].attn.qkv_proj.get_base_layer().weight.detach().clone()

@@ -18,7 +18,14 @@ from torch import nn
 from fuyou.data import Batch
 from fuyou.models import build_model, from_pretrained, get_preset, save_pretrained
 from fuyou.reference import ReferenceTrainer
-from quant.qlora import cpu_dequantize_garbles_ragged_rows, dense_model, make_paged_adamw, prepare_qlora, save_adapters, save_merged
+from quant.qlora import (
+    cpu_dequantize_garbles_ragged_rows,
+    dense_model,
+    make_paged_adamw,
+    prepare_qlora,
+    save_adapters,
+    save_merged,
+)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -52,7 +59,9 @@ def test_block_linears_become_frozen_nf4_and_only_lora_trains(shape):
     original = tiny(shape)
     model = prepare_qlora(tiny(shape), rank=4, alpha=8, dropout=0.0)
     ours = model.get_base_model()
-    linear_names = [name for name, module in original.named_modules() if type(module) is nn.Linear and "lm_head" not in name]
+    linear_names = [
+        name for name, module in original.named_modules() if type(module) is nn.Linear and "lm_head" not in name
+    ]
     assert len(linear_names) == 4 * ours.config.num_layers
     for name in linear_names:
         base = nf4_base(ours.get_submodule(name))
