@@ -50,10 +50,15 @@ def gather(futures: Iterable[Future]) -> Future:
             last = remaining[0] == 0
         if last:
             errors = [f.exception() for f in futures if f.exception() is not None]
+            results = None if errors else [f.result() for f in futures]
+            # Each input's callback list holds this closure, and the closure holds `futures`: clear
+            # the list, or the cycle keeps every input (and the tensors it carries) alive until the
+            # cyclic GC runs, which can be long after the step that freed them (GPU memory leak).
+            futures.clear()
             if errors:
                 out.set_exception(errors[0])
             else:
-                out.set_result([f.result() for f in futures])
+                out.set_result(results)
 
     for future in futures:
         future.add_done_callback(on_done)
@@ -67,18 +72,23 @@ def then(first: Future, next_step: Callable[[], Future]) -> Future:
     the rest of the chain and lands in the returned future.
     """
     out: Future = Future()
+    # `first` may outlive the chain (a long-lived "ready" future), and its callback list keeps this
+    # closure: hold `out` (and through it the chain's result tensors) only until the callback fires.
+    pending = [out, next_step]
 
     def on_done(done: Future) -> None:
+        target, step = pending
+        pending.clear()
         error = done.exception()
         if error is not None:
-            out.set_exception(error)
+            target.set_exception(error)
             return
         try:
-            following = next_step()
+            following = step()
         except BaseException as exc:  # noqa: BLE001 - delivered to whoever waits on the chain
-            out.set_exception(exc)
+            target.set_exception(exc)
             return
-        forward(following, out, use_source_result=True)
+        forward(following, target, use_source_result=True)
 
     first.add_done_callback(on_done)
     return out

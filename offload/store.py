@@ -252,7 +252,9 @@ class TieredStore:
             self._readers[dst_key] = []
             if src_key != dst_key:
                 self._readers.setdefault(src_key, []).append(move)
-        move.add_done_callback(lambda _: self._forget(dst_key, src_key, move))
+        # The callback gets the move as its argument: capturing `move` would make a reference cycle
+        # that keeps dst/src tensors alive until the cyclic GC runs.
+        move.add_done_callback(lambda done: self._forget(dst_key, src_key, done))
         out: Future = Future()
         move.add_done_callback(lambda done: out.set_exception(done.exception()) if done.exception() else out.set_result(dst))
         return out
