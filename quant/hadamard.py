@@ -3,9 +3,10 @@
 HALO (`quant.halo`) rotates activations, weights and gradients by an orthogonal Hadamard matrix before
 quantizing them, so that an outlier is spread over a whole row and a per-tensor FP8 scale fits the rest.
 
-Why hand-written. `fast-hadamard-transform` (Dao-AILab) is a CUDA extension with no CPU path and no wheel
-for our torch; `scipy.linalg.hadamard` builds dense powers of two only (an O(n^2) product, and 14336 is
-not a power of two); torch has no Hadamard op. What we need is small: a Walsh-Hadamard butterfly by
+Why hand-written. `fast-hadamard-transform` (Dao-AILab) is a CUDA extension compiled at install time: no
+CPU path for the tests, and the GPU machine reaches no package registry, so it would have to be built
+elsewhere against its exact torch and carried over. `scipy.linalg.hadamard` builds dense powers of two
+only (an O(n^2) product, and 14336 is not a power of two); torch has no Hadamard op. What we need is small: a Walsh-Hadamard butterfly by
 reshapes (log2 p stages of (a + b, a - b)), plus a dense factor for the odd part of the size. It runs on
 any device torch does, so the CPU tests and the GPU use one code path. A fused Triton/CUDA kernel can
 replace `rotate` later if the GPU profile says the butterfly's memory traffic matters.
