@@ -154,9 +154,11 @@ class Trainer:
                 try:
                     result = self.runtime.step(micro_batches)
                 except torch.cuda.OutOfMemoryError:
+                    # runtime=fuyou always checkpoints per block; what it can still move off the GPU are the checkpoints.
+                    also = "set train.activation_checkpointing=true" if self.config.runtime == "reference" else "set offload.activations=cpu"
                     raise FuyouError(
                         f"GPU out of memory in step {step} (batch {train.batch_size} x {train.seq_len} tokens); "
-                        f"lower train.batch_size (and raise train.grad_accum) or set train.activation_checkpointing=true"
+                        f"lower train.batch_size (and raise train.grad_accum) or {also}"
                     ) from None
                 step_s = time.perf_counter() - step_start_s  # .item() in step() synchronised the device
                 total_tokens += result.num_tokens
