@@ -106,3 +106,15 @@ def test_published_comparison_compute_bound_end_stays_within_the_goal():
             p = predict_case(case, TESTBED, FUYOU_PLACEMENT)
             assert abs(p.megatron_tflops / case.published_tflops - 1) < 0.15, case
     assert "| 64 | 155.8 |" in (ROOT / "benchmarks" / "fuyou_published.md").read_text()
+
+
+def test_plan_check_parses_a_result_back_into_a_plan():
+    """benchmarks.plan_check (check 1 on the GPU machine): a result's command -> fixed Plan -> prediction."""
+    from benchmarks.plan_check import CASES, compare
+
+    case = next(c for c in CASES if "ssd" in c.name)
+    result = {"case": case.name, "command": case.command(),
+              "metrics": {"tokens_per_s": 1000.0, "peak_gpu_bytes": 20 * GiB, "peak_cpu_bytes": 60 * GiB}}
+    row = compare(result, H100)
+    assert row["plan"].startswith("params cpu, optimizer ssd, activations cpu") and row["predicted_s"] > 0
+    assert row["measured_s"] == pytest.approx(int(case.name.split("-b")[-1]) * 2048 / 1000.0)
