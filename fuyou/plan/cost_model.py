@@ -417,7 +417,7 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile) -> 
     total_times = leg_times(total, hardware)
     hardware_flops = total.compute_flops + A * head_flops
 
-    gpu, cpu, ssd = peak_memory(model, plan, size)
+    gpu, cpu, ssd = peak_memory(model, plan, size, reserved_bytes=reserved_bytes(hardware))
     return Prediction(
         plan=plan,
         iteration_s=iteration_s,
@@ -452,10 +452,15 @@ def _most_common(names) -> str:
 # ---- memory -------------------------------------------------------------------------------------
 
 
-def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes) -> tuple[int, int, int]:
+def reserved_bytes(hardware: HardwareProfile) -> int:
+    """GPU memory no tensor of ours can use: a CUDA context and allocator slack; none on a CPU-only machine."""
+    return GPU_RESERVED_BYTES if hardware.compute_device == "cuda" else 0
+
+
+def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_bytes: int = GPU_RESERVED_BYTES) -> tuple[int, int, int]:
     """(GPU, CPU, SSD) bytes at the step's peak.
 
-    GPU  reserved + outer group (fp32 weights and grads) + block weights (all L if resident, else the
+    GPU  `reserved_bytes` + outer group (fp32 weights and grads) + block weights (all L if resident, else the
          block in use + d in flight) + one block's gradient + checkpoints (all L kept; or the two being
          swapped) + the larger of: one block's recompute/backward working set, the head's logits working set.
     CPU  fp32 gradient accumulator (4 N) + optimizer state if on CPU (12 N; on SSD: read-ahead, in-update and
@@ -473,7 +478,7 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes) -> tuple[int,
     block_working = size.attention_internals_bytes + size.mlp_internals_bytes + T * b * F_wide + 2 * size.checkpoint_bytes
     # the head: logits (compute dtype), their fp32 log-softmax for the loss, and the logits' gradient
     head_working = T * model.vocab_size * (b + 4 + b)
-    gpu = (GPU_RESERVED_BYTES + OUTER_BYTES_PER_PARAM_ON_GPU * size.outer_params + block_weights
+    gpu = (reserved_bytes + OUTER_BYTES_PER_PARAM_ON_GPU * size.outer_params + block_weights
            + size.block_grad_bytes + checkpoints + max(block_working, head_working))
 
     swapped_internals = (plan.swapped_attention_blocks * size.attention_internals_bytes

@@ -104,8 +104,8 @@ def shortfalls(memory: tuple[int, int, int], caps: Caps) -> list[Shortfall]:
     return found
 
 
-def memory_of(model: TransformerConfig, plan: Plan) -> tuple[int, int, int]:
-    return cost_model.peak_memory(model, plan, cost_model.sizes(model, plan))
+def memory_of(model: TransformerConfig, plan: Plan, hardware: HardwareProfile) -> tuple[int, int, int]:
+    return cost_model.peak_memory(model, plan, cost_model.sizes(model, plan), cost_model.reserved_bytes(hardware))
 
 
 def choose_plan(
@@ -152,7 +152,7 @@ def choose_plan(
         for plan in _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision):
             for depth in depths:
                 plan = plan.replace(prefetch_depth=depth)
-                short = shortfalls(memory_of(model, plan), caps)
+                short = shortfalls(memory_of(model, plan, hardware), caps)
                 if not short:
                     break
                 total_short = sum(s.short_bytes for s in short)
@@ -232,7 +232,7 @@ def _add_swapped_internals(model: TransformerConfig, hardware: HardwareProfile, 
                 candidate = best.plan.replace(**{field: count}, internals_tier=tier)
                 if tier == "ssd" and hardware.ssd_count == 0:
                     continue
-                if not shortfalls(memory_of(model, candidate), caps):
+                if not shortfalls(memory_of(model, candidate, hardware), caps):
                     trial = predict(model, candidate, hardware)
                     break
             if trial is None or trial.iteration_s >= best.iteration_s:
