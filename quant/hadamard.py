@@ -1,4 +1,4 @@
-"""Normalised Hadamard rotations of any tensor axis, in O(n log n) for the sizes LLMs use.
+"""Normalised Hadamard rotations of any tensor axis, in a few tensor-core matmuls for the sizes LLMs use.
 
 HALO (`quant.halo`) rotates activations, weights and gradients by an orthogonal Hadamard matrix before
 quantizing them, so that an outlier is spread over a whole row and a per-tensor FP8 scale fits the rest.
@@ -6,14 +6,20 @@ quantizing them, so that an outlier is spread over a whole row and a per-tensor 
 Why hand-written. `fast-hadamard-transform` (Dao-AILab) is a CUDA extension compiled at install time: no
 CPU path for the tests, and the GPU machine reaches no package registry, so it would have to be built
 elsewhere against its exact torch and carried over. `scipy.linalg.hadamard` builds dense powers of two
-only (an O(n^2) product, and 14336 is not a power of two); torch has no Hadamard op. What we need is small: a Walsh-Hadamard butterfly by
-reshapes (log2 p stages of (a + b, a - b)), plus a dense factor for the odd part of the size. It runs on
-any device torch does, so the CPU tests and the GPU use one code path. A fused Triton/CUDA kernel can
-replace `rotate` later if the GPU profile says the butterfly's memory traffic matters.
+only (an O(n^2) product, and 14336 is not a power of two); torch has no Hadamard op. What we need is
+small, and the Kronecker structure below turns it into batched matmuls that run on any device torch
+does, so the CPU tests and the GPU share one code path. A fused Triton/CUDA kernel can replace `rotate`
+later if the GPU profile says its memory traffic matters.
+
+How it is applied. H_p of order p = 2^k is itself a Kronecker product of smaller Sylvester matrices, so
+`rotate` reshapes the axis into factors of order <= 64 and multiplies each by its small dense matrix:
+p = 512 = 64 * 8 is two passes over the data with 2 * (64 + 8) flops per element, where a radix-2
+butterfly would make nine passes. The cost is O(n * sum of factor orders), i.e. O(n log n) with a larger
+constant that tensor cores absorb.
 
 Which matrix, for size n (`hadamard_layout`):
     n = blocks * d * p, p a power of two, d the dense factor (1 or a Paley order), H_n = I_blocks ⊗ H_d ⊗ H_p.
-    - p: the Sylvester matrix H_p = H_2 ⊗ ... ⊗ H_2, applied by the butterfly.
+    - p: the Sylvester matrix H_p = H_2 ⊗ ... ⊗ H_2 = H_64 ⊗ ... ⊗ H_(remainder), applied factor by factor.
     - d: a Paley construction, chosen as small as possible: Paley I gives order q + 1 for a prime
       q ≡ 3 (mod 4) (12, 20, 44, 60, ...), Paley II order 2(q + 1) for a prime q ≡ 1 (mod 4) (28, 36, 148, ...).
       14336 = 28 * 512 (LLaMA-3-8B's F) uses d = 28 (Paley II, q = 13); 10240 = 20 * 512; 18944 = 148 * 128.
@@ -39,9 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Largest dense factor worth its n*d multiply-adds next to the n*log2(p) of the butterfly; every Paley
-# order a LLaMA/GPT/Qwen dimension needs (12, 20, 28, 44, 148) is below it.
+# Largest Paley factor worth its n*d multiply-adds; every Paley order a LLaMA/GPT/Qwen dimension needs
+# (12, 20, 28, 44, 148) is below it.
 MAX_DENSE_ORDER = 256
+# Largest Sylvester factor a power of two is split into: one matmul pass of 2*64 flops per element.
+SYLVESTER_FACTOR_ORDER = 64
 
 
 def _is_prime(q: int) -> bool:
@@ -154,17 +162,30 @@ def _dense_on(d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return (_paley_matrix(d) / math.sqrt(d)).to(device=device, dtype=dtype)
 
 
-def _butterfly(x_XP: torch.Tensor) -> torch.Tensor:
-    """x_XP @ H_p (unnormalised Sylvester, symmetric) along the last axis, p a power of two."""
-    p = x_XP.shape[-1]
-    lead = x_XP.shape[:-1]
-    half = 1
-    while half < p:
-        pairs = x_XP.reshape(*lead, p // (2 * half), 2, half)
-        first, second = pairs[..., 0, :], pairs[..., 1, :]
-        x_XP = torch.stack((first + second, first - second), dim=-2).reshape(*lead, p)
-        half *= 2
-    return x_XP
+@functools.lru_cache(maxsize=64)
+def _sylvester_on(order: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Unnormalised ±1 Sylvester matrix of a power-of-two order (symmetric)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < order:
+        h = torch.cat((torch.cat((h, h), dim=1), torch.cat((h, -h), dim=1)), dim=0)
+    return h.to(device=device, dtype=dtype)
+
+
+def _sylvester_factors(p: int) -> list[int]:
+    """Orders of the Sylvester factors of H_p, each <= SYLVESTER_FACTOR_ORDER, e.g. 512 -> [64, 8]."""
+    factors = []
+    while p > 1:
+        factors.append(min(p, SYLVESTER_FACTOR_ORDER))
+        p //= factors[-1]
+    return factors
+
+
+def _apply_along(y_LFR: torch.Tensor, h_FF: torch.Tensor) -> torch.Tensor:
+    """y[l, g, r] = sum_f h[f, g] y[l, f, r]: one factor of a Kronecker product along the middle axis.
+
+    A batched matmul over L with no transposed copy: h^T [F, F] times each y[l] [F, R].
+    """
+    return torch.matmul(h_FF.t(), y_LFR)
 
 
 def rotate(x: torch.Tensor, dim: int = -1, *, inverse: bool = False) -> torch.Tensor:
@@ -177,19 +198,25 @@ def rotate(x: torch.Tensor, dim: int = -1, *, inverse: bool = False) -> torch.Te
 
     Returns:
         A new tensor of x's shape, dtype and device. Half-precision inputs are transformed in fp32 and
-        rounded once at the end, so the log2(p) butterfly stages do not each add a bf16 rounding.
+        rounded once at the end, so the factor passes do not each add a bf16 rounding.
     """
     layout = hadamard_layout(x.shape[dim])
     work_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
     moved = x.movedim(dim, -1).to(work_dtype)
-    lead = moved.shape[:-1]
-    # index i = (block, a, b) with i = (block * d + a) * p + b, matching I_blocks ⊗ H_d ⊗ H_p.
-    y = moved.reshape(*lead, layout.blocks, layout.dense, layout.power)
-    if layout.power > 1:
-        y = _butterfly(y)  # H_p is symmetric: its own transpose
+    # Index i of the axis in mixed radix (block, a, f_1, ..., f_k), most significant first, matching
+    # I_blocks ⊗ H_d ⊗ H_f1 ⊗ ... ⊗ H_fk; each factor acts on its own digit: [L, F, R] views.
+    factors = [_sylvester_on(order, x.device, work_dtype) for order in _sylvester_factors(layout.power)]
     if layout.dense > 1:
         h_dd = _dense_on(layout.dense, x.device, work_dtype)
-        y = torch.matmul(h_dd if inverse else h_dd.t(), y)  # along axis d: y[e] = sum_a H[a, e] x[a]
+        factors.insert(0, h_dd.t() if inverse else h_dd)  # Paley I is not symmetric; Sylvester factors are
+    outer = moved.numel() // moved.shape[-1] * layout.blocks
+    inner = layout.dense * layout.power
+    y = moved
+    for h in factors:
+        order = h.shape[0]
+        inner //= order
+        y = _apply_along(y.reshape(outer, order, inner), h)
+        outer *= order
     y = y * (1.0 / math.sqrt(layout.power))
     return y.reshape(moved.shape).to(x.dtype).movedim(-1, dim)
 

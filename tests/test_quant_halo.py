@@ -36,6 +36,17 @@ def sylvester(n):
     return h / math.sqrt(n)
 
 
+def walsh_hadamard_butterfly(x):
+    """Independent reference for powers of two along the last axis: log2(n) stages of (a + b, a - b)."""
+    n, half = x.shape[-1], 1
+    while half < n:
+        pairs = x.reshape(*x.shape[:-1], n // (2 * half), 2, half)
+        x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
+        x = x.reshape(*x.shape[:-3], n)
+        half *= 2
+    return x / math.sqrt(n)
+
+
 @pytest.mark.parametrize("n", [2, 64, 12, 20, 28, 36, 44, 148, 28 * 8, 44 * 8, 20 * 16])
 def test_hadamard_is_orthogonal_and_fully_mixing(n):
     h = hadamard_matrix(n)
@@ -46,7 +57,10 @@ def test_hadamard_is_orthogonal_and_fully_mixing(n):
 
 
 def test_power_of_two_equals_sylvester_and_rotates_any_axis():
-    torch.testing.assert_close(hadamard_matrix(64), sylvester(64), rtol=0, atol=1e-14)
+    for n in (64, 512):  # one factor; 64 x 8 (the factors must compose in Kronecker order)
+        torch.testing.assert_close(hadamard_matrix(n), sylvester(n), rtol=0, atol=1e-14)
+    x = torch.randn(3, 8192, dtype=torch.float64)  # 64 x 64 x 2, against a radix-2 butterfly
+    torch.testing.assert_close(rotate(x), walsh_hadamard_butterfly(x), rtol=0, atol=1e-12)
     h = hadamard_matrix(28 * 4)  # not symmetric (Paley I factor): checks the side each axis is multiplied on
     x = torch.randn(28 * 4, 6, 28 * 4, dtype=torch.float64)
     torch.testing.assert_close(rotate(x, -1), x @ h, rtol=0, atol=1e-12)
