@@ -153,7 +153,14 @@ class BlockWeights:
         return views
 
     def offload_grads(self, key: str, grads: list[torch.Tensor], *, first: bool, last: bool) -> None:
-        """Copy one micro-batch's gradient parts to CPU buffers and queue their accumulation."""
+        """Copy one micro-batch's gradient parts to CPU buffers and queue their accumulation.
+
+        Gradients cross PCIe as fp32, cast on the compute device: twice the bytes of bf16, but the
+        CPU then accumulates fp32 into fp32, while adding bf16 into fp32 in place takes torch's
+        slow mixed-dtype path (measured 0.66 against 4.5 Gelem/s on 2 cores, and 8.3 s of every
+        2.7B step at grad_accum 4 on the H100 host). The values accumulated are the same.
+        """
+        grads = [grad.float() for grad in grads]
         staged = [self.store.empty(grad.shape, grad.dtype, Tier.CPU) for grad in grads]
         arrived = gather([self.store.copy(buffer, grad.contiguous()) for buffer, grad in zip(staged, grads)])
         done = self.optimizer.accumulate(key, staged, arrived, first=first, last=last)
