@@ -24,7 +24,8 @@ exact fix-up (offload.cpu_optimizer) corrects moments and weights from the kept 
 forward order so it overlaps the next step's forward. When the previous step clipped (clipping tends
 to persist, and fix-ups lose precision where moments are small), this step defers: every update runs
 after backward with the known c, again in forward order ahead of the next forward. Either way each
-step's updates are complete before the next step reads those weights: no stale updates.
+step's updates are complete before the next step reads those weights: no stale updates. The first
+step defers too (see FuyouRuntime): a fix-up over every parameter costs several plain updates.
 
 Gradient accumulation is exact: each micro-batch back-propagates its loss sum divided by the step's
 total target count, and block gradients are summed in fp32 on the CPU in micro-batch order, as the
