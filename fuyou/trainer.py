@@ -16,7 +16,6 @@ output directory) is checked in `__init__`, before a byte is written, and raised
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -29,10 +28,9 @@ import yaml
 
 from fuyou.config import TrainConfig
 from fuyou.data import build_dataset, check_vocab
-from fuyou.errors import ConfigError, FuyouError, ModelError
+from fuyou.errors import ConfigError, FuyouError
 from fuyou.metrics import MetricsLog, StepMetrics, TrainSummary, model_tflops, peak_cpu_bytes, peak_gpu_bytes, progress_postfix
-from fuyou.models import TransformerConfig, build_model, from_pretrained, get_preset, save_pretrained
-from fuyou.models.hf import config_from_hf
+from fuyou.models import build_model, from_pretrained, resolve_config, save_pretrained
 from fuyou.reference import ReferenceTrainer
 from fuyou.runtime import FuyouRuntime, Placement, check_fuyou_memory
 from fuyou.tokenizer import HFTokenizer, load_tokenizer
@@ -66,7 +64,7 @@ class Trainer:
         train = config.train
         self.precision = train.precision if train.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
 
-        self.model_config = _resolve_model_config(config)
+        self.model_config = resolve_config(**vars(config.model))
         self.tokenizer = load_tokenizer(_resolve_tokenizer_spec(config))
         check_vocab(self.tokenizer, self.model_config.vocab_size)
         if train.seq_len > self.model_config.max_seq_len:
@@ -231,25 +229,6 @@ def _resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but PyTorch sees no CUDA GPU; use device=cpu or device=auto")
     return torch.device(name)
-
-
-def _resolve_model_config(config: TrainConfig) -> TransformerConfig:
-    """The model's shape without allocating it: from model.path's config.json or preset + overrides."""
-    model = config.model
-    if model.path is not None:
-        config_path = Path(model.path) / "config.json"
-        if not config_path.is_file():
-            raise ModelError(f"model.path {model.path} has no config.json; point it at a Hugging Face model directory")
-        try:
-            return config_from_hf(json.loads(config_path.read_text()))
-        except json.JSONDecodeError as error:
-            raise ModelError(f"{config_path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-    overrides = {
-        name: value
-        for name, value in vars(model).items()
-        if name not in ("preset", "path") and value is not None
-    }
-    return get_preset(model.preset).replace(**overrides)
 
 
 def _resolve_tokenizer_spec(config: TrainConfig) -> str:

@@ -13,7 +13,7 @@ from fuyou.models.hf import (
     save_pretrained,
     to_hf_state_dict,
 )
-from fuyou.models.presets import PRESETS, get_preset
+from fuyou.models.presets import PRESETS, get_preset, resolve_config
 from fuyou.models.transformer import Block, Transformer, TransformerConfig, build_model, init_parameters
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "from_hf_state_dict",
     "from_pretrained",
     "get_preset",
+    "resolve_config",
     "init_parameters",
     "iter_pretrained_tensors",
     "load_config",

@@ -108,3 +108,17 @@ def get_preset(name: str) -> TransformerConfig:
         return PRESETS[name]
     except KeyError:
         raise ModelError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def resolve_config(*, preset: str, path: str | None = None, **shape_overrides: int | None) -> TransformerConfig:
+    """A model's shape without allocating it: `path`'s config.json if given, else `preset` with the
+    shape fields in `shape_overrides` that are not None applied on top.
+
+    Raises:
+        ModelError: unknown preset, missing or unreadable model directory, invalid shape.
+    """
+    if path is not None:
+        from fuyou.models.hf import load_config
+
+        return load_config(path)
+    return get_preset(preset).replace(**{name: value for name, value in shape_overrides.items() if value is not None})

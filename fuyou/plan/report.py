@@ -4,13 +4,10 @@ one JSON object. The CLI only parses and calls `plan_config` and a formatter.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from fuyou.config import TrainConfig
-from fuyou.errors import ModelError
-from fuyou.models import TransformerConfig, config_from_hf, get_preset
+from fuyou.models import TransformerConfig, resolve_config
 from fuyou.plan.cost_model import GiB, Prediction
 from fuyou.plan.hardware import HardwareProfile
 from fuyou.plan.planner import Caps, PlanError, choose_plan
@@ -35,18 +32,9 @@ class PlanReport:
 
 
 def resolve_model(config: TrainConfig) -> tuple[str, TransformerConfig]:
-    """The model's shape from the config (preset + shape overrides, or model.path's config.json)."""
+    """The model's name and shape from the config, without allocating it."""
     model = config.model
-    if model.path is not None:
-        config_path = Path(model.path) / "config.json"
-        if not config_path.is_file():
-            raise ModelError(f"model.path {model.path} has no config.json; point it at a Hugging Face model directory")
-        try:
-            return model.path, config_from_hf(json.loads(config_path.read_text()))
-        except json.JSONDecodeError as error:
-            raise ModelError(f"{config_path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-    overrides = {name: value for name, value in vars(model).items() if name not in ("preset", "path") and value is not None}
-    return model.preset, get_preset(model.preset).replace(**overrides)
+    return (model.path or model.preset), resolve_config(**vars(model))
 
 
 def plan_config(config: TrainConfig, hardware: HardwareProfile, *, search_batch: bool = False,
