@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from fuyou.data import IGNORE_INDEX
 from offload.activations import ActivationSwap
 
-IGNORE_INDEX = -100
 
 
 class WeightStream:
