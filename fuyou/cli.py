@@ -19,7 +19,8 @@ overrides:
   train (steps, batch_size, seq_len, grad_accum, lr, warmup_steps, min_lr_ratio, weight_decay,
   beta1, beta2, eps, max_grad_norm, activation_checkpointing, precision, log_every, save_final),
   offload (params, optimizer, activations, gpu_memory_gb, cpu_memory_gb, ssd_dir, prefetch_depth),
-  and top-level runtime, device, seed.
+  and top-level runtime, device, seed, plan (manual | auto: the planner places states for
+  runtime=fuyou) and hardware (a profile from fuyou probe for plan=auto; default: probe this machine).
 
 outputs (under --output, default runs/<config name>-<date>-<time>):
   config.yaml    the resolved config

@@ -11,11 +11,14 @@ Sections:
     train    the optimisation: steps, batch, sequence length, LR schedule, clipping, precision.
     offload  where each state class lives (GPU, CPU, SSD) and the memory caps; read by the Fuyou
              runtime (fuyou.runtime) and its planner; the reference runtime keeps everything on one device.
-top level: runtime, device, seed.
+top level: runtime, device, seed; plan ("manual": the offload section as written; "auto": the
+planner chooses placement, micro-batch and prefetch depth for runtime=fuyou) and hardware (the
+profile the planner prices with; None measures this machine with a quick probe).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -125,6 +128,8 @@ class TrainConfig:
     runtime: str = "reference"
     device: str = "auto"
     seed: int = 0
+    plan: str = "manual"
+    hardware: str | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
@@ -161,6 +166,9 @@ class TrainConfig:
         train = self.train
         _choice("runtime", self.runtime, RUNTIMES)
         _choice("device", self.device, DEVICES)
+        _choice("plan", self.plan, ("manual", "auto"))
+        if self.plan == "auto" and self.runtime != "fuyou":
+            raise ConfigError(f"plan=auto places states for runtime=fuyou; set runtime=fuyou (got runtime={self.runtime})")
         _choice("train.precision", train.precision, PRECISIONS)
         _choice("data.format", self.data.format, ("auto", "text", "jsonl"))
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
@@ -197,6 +205,15 @@ class TrainConfig:
             value = getattr(model, name)
             if value is not None and value < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {value}")
+
+    def with_overrides(self, overrides: typing.Sequence[str], origin: str = "override") -> TrainConfig:
+        """A validated copy with `key=value` overrides applied (e.g. a plan's placement)."""
+        config = copy.deepcopy(self)
+        for override in overrides:
+            key, value = _parse_override(override)
+            _set_dotted(config, key, value, origin=f"{origin} '{override}'")
+        config.validate()
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, e.g. to write next to a run's outputs."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -61,6 +62,12 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.overwrite = overwrite
         self.device = _resolve_device(config.device)
+        self.plan_report = None
+        if config.plan == "auto":
+            config, self.plan_report = _apply_plan(config, self.device)
+            self.config = config
+            if progress:
+                print(f"fuyou: plan: {self.plan_report.prediction.plan.describe()}", file=sys.stderr)
         train = config.train
         self.precision = train.precision if train.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
 
@@ -229,6 +236,34 @@ def _resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but PyTorch sees no CUDA GPU; use device=cpu or device=auto")
     return torch.device(name)
+
+
+def _apply_plan(config: TrainConfig, device: torch.device):
+    """The config with the planner's placement, micro-batch and prefetch depth (plan: auto).
+
+    The step keeps the config's batch (train.batch_size x train.grad_accum tokens) and seq_len; the
+    planner prices candidates on `config.hardware`, or on a quick probe of this machine.
+
+    Raises:
+        FuyouError: no placement fits the caps (the message names the short resource).
+    """
+    from fuyou.plan import HardwareProfile
+    from fuyou.plan.probe import probe
+    from fuyou.plan.report import plan_config
+
+    if config.hardware is not None:
+        hardware = HardwareProfile.from_yaml(config.hardware)
+    else:
+        hardware = probe(config.offload.ssd_dir, quick=True, log=lambda line: None)
+    if hardware.compute_device != device.type:
+        raise ConfigError(
+            f"hardware profile {config.hardware} describes a {hardware.compute_device} machine but this run computes on "
+            f"{device.type}; use a profile of this machine (fuyou probe) or drop hardware= to probe it"
+        )
+    report = plan_config(config, hardware)
+    if not report.feasible:
+        raise FuyouError(f"plan=auto: {report.error}")
+    return config.with_overrides(report.prediction.plan.config_overrides(), origin="plan"), report
 
 
 def _resolve_tokenizer_spec(config: TrainConfig) -> str:
