@@ -118,6 +118,28 @@ class OffloadConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Optional low-precision paths (see quant/).
+
+    `mode`: "none"; "halo" (every block linear runs its forward, input-gradient and weight-gradient
+    GEMMs in FP8 with Hadamard rotations at `halo_level` 0, 1 or 2; both runtimes); "qlora" (frozen
+    NF4 base weights from bitsandbytes, trainable LoRA adapters from peft, bitsandbytes' paged AdamW
+    with `optimizer_bits` 8 or 32; runtime=reference; final/ holds the adapters in PEFT format, and
+    final-merged/ a full model when `save_merged`). `lora_targets`: comma-separated module names
+    (qkv_proj, o_proj, gate_up_proj, down_proj, up_proj); None: every block linear.
+    """
+
+    mode: str = "none"
+    halo_level: int = 1
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: str | None = None
+    optimizer_bits: int = 32
+    save_merged: bool = False
+
+
+@dataclass
 class TrainConfig:
     """A whole run. Build with `TrainConfig.from_yaml(path, overrides)` or field by field."""
 
@@ -125,6 +147,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     runtime: str = "reference"
     device: str = "auto"
     seed: int = 0
@@ -196,6 +219,16 @@ class TrainConfig:
                 raise ConfigError(f"offload.{name} must be > 0 or null, got {value}")
         if offload.prefetch_depth < 0:
             raise ConfigError(f"offload.prefetch_depth must be >= 0, got {offload.prefetch_depth}")
+        quant = self.quant
+        _choice("quant.mode", quant.mode, ("none", "halo", "qlora"))
+        if quant.halo_level not in (0, 1, 2):
+            raise ConfigError(f"quant.halo_level must be 0, 1 or 2, got {quant.halo_level}")
+        if quant.lora_rank < 1 or not quant.lora_alpha > 0 or not 0 <= quant.lora_dropout < 1:
+            raise ConfigError("quant.lora_rank must be >= 1, quant.lora_alpha > 0 and quant.lora_dropout in [0, 1)")
+        if quant.optimizer_bits not in (8, 32):
+            raise ConfigError(f"quant.optimizer_bits must be 8 or 32, got {quant.optimizer_bits}")
+        if quant.mode == "qlora" and self.runtime != "reference":
+            raise ConfigError("quant.mode=qlora runs on runtime=reference (streaming 4-bit blocks through runtime=fuyou is not built yet)")
         model = self.model
         shape_keys = [f.name for f in dataclasses.fields(model) if f.name not in ("preset", "path")]
         if model.path is not None and any(getattr(model, k) is not None for k in shape_keys):

@@ -76,6 +76,8 @@ class ReferenceTrainer:
         precision: "fp32" or "bf16" (autocast; fp32 master weights).
         activation_checkpointing: recompute each block in backward instead of keeping its
             activations.
+        optimizer: use this optimizer (e.g. QLoRA's paged AdamW) instead of torch's AdamW; the
+            schedule still sets each group's "lr" every step.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class ReferenceTrainer:
         max_grad_norm: float | None = None,
         precision: str = "fp32",
         activation_checkpointing: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
         assert precision in ("fp32", "bf16"), precision
         self.model = model
@@ -100,7 +103,7 @@ class ReferenceTrainer:
         self.max_grad_norm = max_grad_norm
         self.precision = precision
         self.activation_checkpointing = activation_checkpointing
-        self.optimizer = torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+        self.optimizer = optimizer or torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
         self.step_index = 0
 
     def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -130,7 +133,8 @@ class ReferenceTrainer:
             loss_sum += micro_loss_sum.detach()
 
         clip_to = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_to)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip_to)
 
         lr = lr_at_step(self.step_index, **self.schedule)
         for group in self.optimizer.param_groups:

@@ -36,7 +36,7 @@ from fuyou.reference import ReferenceTrainer
 from fuyou.runtime import FuyouRuntime, Placement, check_fuyou_memory
 from fuyou.tokenizer import HFTokenizer, load_tokenizer
 
-OUTPUT_FILES = ("config.yaml", "metrics.jsonl", "final")
+OUTPUT_FILES = ("config.yaml", "metrics.jsonl", "final", "final-merged")
 
 # fp32 weights + fp32 gradients + AdamW's two fp32 moments, per parameter. Activations come on top.
 REFERENCE_BYTES_PER_PARAM = 16
@@ -81,7 +81,8 @@ class Trainer:
             )
         self.num_parameters = self.model_config.num_parameters()
         if config.runtime == "reference":
-            _check_memory(self.num_parameters, self.device)
+            # QLoRA's peak is the fp32 model built before its block linears become NF4.
+            _check_memory(self.num_parameters, self.device, bytes_per_param=4 if config.quant.mode == "qlora" else REFERENCE_BYTES_PER_PARAM)
             if config.offload != type(config.offload)():
                 warnings.warn("the offload section is ignored by runtime=reference, which keeps every state on one device")
         else:
@@ -104,6 +105,7 @@ class Trainer:
             self.model = from_pretrained(config.model.path, device=model_device, dtype=torch.float32)
         else:
             self.model = build_model(self.model_config, device=model_device, dtype=torch.float32, seed=config.seed)
+        optimizer = self._apply_quant(config)
         optimization = dict(
             lr=train.lr,
             warmup_steps=train.warmup_steps,
@@ -116,7 +118,9 @@ class Trainer:
             precision=self.precision,
         )
         if config.runtime == "reference":
-            self.runtime = ReferenceTrainer(self.model, activation_checkpointing=train.activation_checkpointing, **optimization)
+            self.runtime = ReferenceTrainer(
+                self.model, activation_checkpointing=train.activation_checkpointing, optimizer=optimizer, **optimization
+            )
         else:
             offload = config.offload
             self.runtime = FuyouRuntime(
@@ -199,6 +203,23 @@ class Trainer:
                 self.runtime.close()  # swap files go with it
         return TrainSummary.from_steps(history, time.perf_counter() - start_s, _str(self.output_dir))
 
+    def _apply_quant(self, config: TrainConfig):
+        """Applies quant.mode to self.model in place; returns the optimizer QLoRA needs, else None."""
+        quant, train = config.quant, config.train
+        if quant.mode == "halo":
+            from quant.halo import apply_halo
+
+            apply_halo(self.model, level=quant.halo_level)
+        elif quant.mode == "qlora":
+            from quant.qlora import make_paged_adamw, prepare_qlora
+
+            targets = [name.strip() for name in quant.lora_targets.split(",")] if quant.lora_targets else None
+            self.model = prepare_qlora(self.model, rank=quant.lora_rank, alpha=quant.lora_alpha, dropout=quant.lora_dropout,
+                                       target_modules=targets)
+            return make_paged_adamw(self.model, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
+                                    weight_decay=train.weight_decay, optim_bits=quant.optimizer_bits)
+        return None
+
     def _save_final(self) -> None:
         """Writes final/ under a temporary name first, so an interrupted save leaves no half model."""
         assert self.output_dir is not None
@@ -206,7 +227,17 @@ class Trainer:
         _remove(staging)
         if isinstance(self.runtime, FuyouRuntime):
             self.runtime.sync_model()
-        save_pretrained(self.model, staging)
+        if self.config.quant.mode == "qlora":
+            from quant.qlora import save_adapters, save_merged
+
+            save_adapters(self.model, staging)
+            if self.config.quant.save_merged:
+                merged = self.output_dir / ".final-merged.partial"
+                _remove(merged)
+                save_merged(self.model, merged)
+                os.replace(merged, self.output_dir / "final-merged")
+        else:
+            save_pretrained(self.model, staging)
         if isinstance(self.tokenizer, HFTokenizer):
             shutil.copyfile(self.tokenizer.path, staging / "tokenizer.json")
         os.replace(staging, self.output_dir / "final")
@@ -275,9 +306,9 @@ def _resolve_tokenizer_spec(config: TrainConfig) -> str:
     return "byte"
 
 
-def _check_memory(num_parameters: int, device: torch.device) -> None:
+def _check_memory(num_parameters: int, device: torch.device, bytes_per_param: int = REFERENCE_BYTES_PER_PARAM) -> None:
     """Refuses a model whose weights, gradients and AdamW state cannot fit on the device at all."""
-    need_bytes = num_parameters * REFERENCE_BYTES_PER_PARAM
+    need_bytes = num_parameters * bytes_per_param
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
         where = "GPU"
@@ -287,7 +318,7 @@ def _check_memory(num_parameters: int, device: torch.device) -> None:
     if need_bytes > free_bytes:
         raise FuyouError(
             f"runtime=reference needs about {need_bytes / 1e9:.1f} GB of {where} memory for {num_parameters / 1e9:.2f}B parameters "
-            f"(fp32 weights, gradients and AdamW state, before activations), {free_bytes / 1e9:.1f} GB free; "
+            f"({bytes_per_param} bytes per parameter before activations), {free_bytes / 1e9:.1f} GB free; "
             f"pick a smaller model.preset or a machine with more memory"
         )
 
