@@ -164,17 +164,7 @@ class TrainConfig:
         config = cls()
         if path is not None:
             path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
-            try:
-                raw = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as error:
-                mark = getattr(error, "problem_mark", None)
-                where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-                problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-                raise ConfigError(f"{where}: malformed YAML ({problem})") from None
-            if raw is None:
-                raw = {}
+            raw = load_yaml(path, missing=f"config file {path} not found; pass an existing YAML file to --config")
             if not isinstance(raw, dict):
                 raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
             _apply_mapping(config, raw, prefix="", origin=str(path))
@@ -251,6 +241,20 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, e.g. to write next to a run's outputs."""
         return dataclasses.asdict(self)
+
+
+def load_yaml(path: Path, *, missing: str) -> Any:
+    """The parsed YAML file ({} when empty); ConfigError `missing` if absent, or file:line if malformed."""
+    if not path.is_file():
+        raise ConfigError(missing)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML ({problem})") from None
+    return {} if raw is None else raw
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from fuyou.config import _coerce, _suggest  # the project's one strict YAML-value checker
+from fuyou.config import _coerce, _suggest, load_yaml  # the project's one strict YAML checker
 from fuyou.errors import ConfigError
 
 COMPUTE_DEVICES = ("cuda", "cpu")
@@ -129,15 +129,8 @@ class HardwareProfile:
             ConfigError: missing or malformed file, unknown or missing key, wrong type, bad value.
         """
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"hardware profile {path} not found; write one with `fuyou probe --output {path}`")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            raise ConfigError(f"{where}: malformed YAML ({getattr(error, 'problem', None) or error})") from None
-        return cls.from_dict(raw if raw is not None else {}, origin=str(path))
+        raw = load_yaml(path, missing=f"hardware profile {path} not found; write one with `fuyou probe --output {path}`")
+        return cls.from_dict(raw, origin=str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
