@@ -124,7 +124,15 @@ class BlockWeights:
             self.store.put(self.name(j, part), master.to(dtype), self.tier).result()
 
     def publish(self, j: int, masters: list[torch.Tensor]) -> Future:
-        """Cast updated fp32 masters (CPU) to the compute dtype and write them to block j's home."""
+        """Cast updated fp32 masters (CPU) to the compute dtype and write them to block j's home.
+
+        A home in CPU memory takes the cast directly (one pass over the block, not a cast into a
+        staging buffer and a copy); other homes get the cast through a staging buffer and `copy()`.
+        """
+        if self.tier is Tier.CPU:
+            for part, master in enumerate(masters):
+                self.store.settled(self.name(j, part)).copy_(master)
+            return completed()
         moves = []
         for part, (master, dtype) in enumerate(zip(masters, self.dtypes)):
             work = self.store.empty(master.shape, dtype, Tier.CPU)
@@ -153,18 +161,35 @@ class BlockWeights:
         return views
 
     def offload_grads(self, key: str, grads: list[torch.Tensor], *, first: bool, last: bool) -> None:
-        """Copy one micro-batch's gradient parts to CPU buffers and queue their accumulation.
+        """Copy one micro-batch's gradient parts to the CPU and queue their accounting there.
 
         Gradients cross PCIe as fp32, cast on the compute device: twice the bytes of bf16, but the
-        CPU then accumulates fp32 into fp32, while adding bf16 into fp32 in place takes torch's
-        slow mixed-dtype path (measured 0.66 against 4.5 Gelem/s on 2 cores, and 8.3 s of every
-        2.7B step at grad_accum 4 on the H100 host). The values accumulated are the same.
+        CPU then adds fp32 into fp32, while adding bf16 into fp32 in place takes torch's slow
+        mixed-dtype path (measured 0.66 against 4.5 Gelem/s on 2 cores, and 8.3 s of every 2.7B step
+        at grad_accum 4 on the H100 host). The values accumulated are the same.
+
+        The CPU passes are memory-bound and were most of the step (issue-4 table in
+        benchmarks/RESULTS.md), so each is avoided where it can be: the step's first micro-batch lands
+        in the accumulators directly (no copy pass), and when it is also the last (grad_accum 1) the
+        compute device takes the norms (no norm pass); later micro-batches land in staging buffers and
+        are added in one pass.
         """
-        grads = [grad.float() for grad in grads]
-        staged = [self.store.empty(grad.shape, grad.dtype, Tier.CPU) for grad in grads]
-        arrived = gather([self.store.copy(buffer, grad.contiguous()) for buffer, grad in zip(staged, grads)])
-        done = self.optimizer.accumulate(key, staged, arrived, first=first, last=last)
-        done.add_done_callback(lambda _: [self.store.free(buffer) for buffer in staged])
+        grads = [grad.float().contiguous() for grad in grads]
+        if first:
+            destinations, staged = self.optimizer.gradient_buffers(key), []
+        else:
+            destinations = staged = [self.store.empty(grad.shape, grad.dtype, Tier.CPU) for grad in grads]
+        moves = [self.store.copy(buffer, grad) for buffer, grad in zip(destinations, grads)]
+        norms = None
+        if first and last:
+            # The same fp32 per-part norms the CPU would take from the accumulator, which equals `grads`.
+            norms_on_device = torch.stack([torch.linalg.vector_norm(grad) for grad in grads])
+            norms = self.store.empty(norms_on_device.shape, norms_on_device.dtype, Tier.CPU)
+            moves.append(self.store.copy(norms, norms_on_device))
+        done = self.optimizer.accumulate(key, staged or None, gather(moves), last=last, norms=norms)
+        to_free = staged + ([norms] if norms is not None else [])
+        if to_free:
+            done.add_done_callback(lambda _: [self.store.free(buffer) for buffer in to_free])
 
     def offload_outer_grads(self, parameters: list[torch.nn.Parameter]) -> None:
         """The resident parameters' step gradient (accumulated in .grad) to the CPU; clears .grad."""

@@ -47,6 +47,7 @@ from torch.func import functional_call
 from fuyou.data import IGNORE_INDEX
 from offload.activations import ActivationSwap
 
+HEAD_CHUNK_TOKENS = 4096  # tokens per head + loss chunk: bounds the logits' memory, keeps GEMMs large
 
 
 class WeightStream:
@@ -111,9 +112,13 @@ class FuyouSchedule:
         self.device, self.bf16, self.depth = device, bf16, prefetch_depth
         self.num_layers = len(model.blocks)
         self.outer_parameters = [p for name, p in model.named_parameters() if not name.startswith("blocks.")]
+        self.tracer = None  # a profiler's fuyou.timeline.ComputeTracer; None: spans cost nothing
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def _span(self, kind: str, j: int):
+        return nullcontext() if self.tracer is None else self.tracer.span(kind, j)
 
     def _stream(self, order: Sequence[int]) -> WeightStream:
         return WeightStream(order, self.weights.fetch, self.weights.release, self.depth)
@@ -133,7 +138,7 @@ class FuyouSchedule:
         L, K = self.num_layers, len(micro_batches)
         denominator = max(1, sum(batch.num_target_tokens for batch in micro_batches))
         self.optimizer.ready("outer").result()  # embedding and head hold the last update
-        total_loss = 0.0
+        total_loss = torch.zeros((), device=self.device)
         for k, batch in enumerate(micro_batches):
             input_ids_BS = batch.input_ids.to(self.device)
             labels_BS = batch.labels.to(self.device)
@@ -144,6 +149,7 @@ class FuyouSchedule:
             self._backward(input_ids_BS, grad_BSD, activations, first=k == 0, last=last,
                            update_now=last and speculate, lr=lr)
 
+        total_loss = total_loss.item()
         grad_norm = self.optimizer.grad_norm()
         clip = 1.0 if max_grad_norm is None else min(1.0, max_grad_norm / (grad_norm + 1e-6))
         # Forward order, so the next step's forward of block j waits only for block j's update.
@@ -159,7 +165,7 @@ class FuyouSchedule:
 
     # ---- forward of micro-batch k ---------------------------------------------------------------
 
-    def _forward(self, input_ids_BS, labels_BS, denominator: int, activations: ActivationSwap) -> tuple[float, torch.Tensor]:
+    def _forward(self, input_ids_BS, labels_BS, denominator: int, activations: ActivationSwap) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.num_layers
         with torch.no_grad():
             # prologue: the first d blocks' weights start moving while the embedding runs
@@ -171,15 +177,24 @@ class FuyouSchedule:
                 j, parts = weights.next()
                 if j == 0 or not self.recompute_inputs:
                     activations.save(j, x_BSD)
-                x_BSD = self._block(j, parts, x_BSD)
+                with self._span("forward", j):
+                    x_BSD = self._block(j, parts, x_BSD)
                 weights.release(j, parts)
-        # epilogue: head and loss; its backward leaves the head's gradient in .grad and gives dloss/dx_L
+        # epilogue: head and loss, a few rows at a time (fp32 logits of a whole micro-batch are
+        # B*S*V*4 bytes: 13 GB at 32 x 2048 and V = 50257); each chunk's backward adds to the head's
+        # .grad and to dloss/dx_L. The loss stays on the device: reading it here would stall the
+        # device queue between forward and backward.
         x_BSD = x_BSD.detach().requires_grad_()
-        with self.autocast():
-            logits_BSV = self.model.head(x_BSD)
-        micro_loss = loss_sum(logits_BSV, labels_BS)
-        (micro_loss / denominator).backward()
-        return micro_loss.item(), x_BSD.grad
+        rows = max(1, HEAD_CHUNK_TOKENS // x_BSD.shape[1])
+        micro_loss = torch.zeros((), device=x_BSD.device)
+        for row in range(0, x_BSD.shape[0], rows):
+            with self.autocast():
+                logits_BSV = self.model.head(x_BSD[row : row + rows])
+            chunk_loss = loss_sum(logits_BSV, labels_BS[row : row + rows])
+            (chunk_loss / denominator).backward()
+            micro_loss += chunk_loss.detach()
+            del logits_BSV, chunk_loss
+        return micro_loss, x_BSD.grad
 
     # ---- backward of micro-batch k ----------------------------------------------------------------
 
@@ -203,7 +218,7 @@ class FuyouSchedule:
             assert visited == j
             x_leaf_BSD = x_in_BSD.detach().requires_grad_()
             leaves = [part.detach().requires_grad_() for part in parts]
-            with torch.enable_grad():
+            with torch.enable_grad(), self._span("backward", j):
                 y_BSD = self._block(j, leaves, x_leaf_BSD)
                 grad_in_BSD, *grad_parts = torch.autograd.grad(y_BSD, [x_leaf_BSD, *leaves], grad_BSD)
             del y_BSD, leaves, x_leaf_BSD
@@ -233,6 +248,7 @@ class FuyouSchedule:
         with torch.no_grad():
             for _ in range(j):
                 i, parts = weights.next()
-                x_BSD = self._block(i, parts, x_BSD)
+                with self._span("recompute", i):
+                    x_BSD = self._block(i, parts, x_BSD)
                 weights.release(i, parts)
         return x_BSD

@@ -8,8 +8,9 @@ overlapped with backward propagation). Everything here knows only flat tensors a
 A group is one or more flat "parts" (a part per weight-decay class); each part has
     state  fp32 [3, n] in the store under `optim.{key}.{part}`: rows master weight, exp_avg, exp_avg_sq,
            on the CPU (updated in place) or on the SSD (read one group ahead, written back behind);
-    grad   fp32 [n] on the CPU, accumulated over the step's micro-batches and kept until the step is
-           over, because a clipping fix-up (below) needs it.
+    grad   fp32 [n] in pinned CPU memory: the step's first micro-batch is copied into it from the
+           accelerator, later ones are added; kept until the step is over, because a clipping fix-up
+           (below) needs it.
 
 Tasks (accumulate, update, fix-up) run on one worker thread in submission order, so a group's
 accumulation always precedes its update without locks. The arithmetic is a library kernel:
@@ -121,6 +122,7 @@ class OffloadedAdamW:
         # Worker seconds per kind of work (accumulate, update, fix_up, publish, state_wait): where the
         # CPU side of a step goes, for benchmarks.
         self.busy_s: dict[str, float] = collections.defaultdict(float)
+        self.events: list[tuple[str, float, float]] | None = None  # (kind, start_s, end_s) per task once a profiler sets []
         self._lock = threading.Lock()
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -144,30 +146,46 @@ class OffloadedAdamW:
 
     # ---- tasks, run on the worker in submission order ------------------------------------------
 
-    def accumulate(self, key: str, grads: list[torch.Tensor], arrived: Future, *, first: bool, last: bool) -> Future:
-        """Add one micro-batch's gradient of group `key` (CPU tensors, any float dtype) to its accumulator.
+    def gradient_buffers(self, key: str) -> list[torch.Tensor]:
+        """Group `key`'s fp32 gradient accumulators (pinned CPU tensors from the store, one per part).
 
-        `arrived` is done when `grads` hold their bytes (the D2H copy). `first` starts the step's
-        accumulation; `last` also computes the group's squared norm for clipping. Returns the task's
-        future (done when `grads` may be reused).
+        The first micro-batch of a step copies its gradient straight into them (no CPU pass); they are
+        free to overwrite once the group's update (and any fix-up) of the previous step has run, which
+        the runtime guarantees by fetching a group's weights for a step only after `ready(key)`.
+        """
+        group = self.groups[key]
+        for part in group.parts:
+            if part.grad is None:  # allocated once and reused: no page faults on every step
+                part.grad = self.store.empty((part.numel,), torch.float32, Tier.CPU)
+        return [part.grad for part in group.parts]
+
+    def accumulate(self, key: str, grads: list[torch.Tensor] | None, arrived: Future, *, last: bool,
+                   norms: torch.Tensor | None = None) -> Future:
+        """Account one micro-batch's gradient of group `key` once `arrived` is done (its D2H copies).
+
+        `grads`: CPU tensors to add into the accumulators, or None when the micro-batch was copied
+        into `gradient_buffers(key)` directly (the step's first). `last` ends the step's
+        accumulation: the group's squared norm for clipping is taken from `norms` (fp32 per-part
+        L2 norms of the complete gradient, already on the CPU when `arrived` is done: the compute
+        device took them), or else from the accumulators in one more pass. Returns the task's future
+        (done when `grads` may be reused).
         """
         group = self.groups[key]
 
         def task() -> float | None:
             arrived.result()
             start_s = time.perf_counter()
-            for part, grad in zip(group.parts, grads):
-                if part.grad is None:  # allocated once and reused: no page faults on every step
-                    part.grad = torch.empty(part.numel, dtype=torch.float32)
-                if first:
-                    part.grad.copy_(grad.reshape(-1))
-                else:
+            if grads is not None:
+                for part, grad in zip(group.parts, grads):
                     part.grad.add_(grad.reshape(-1))
             sumsq = None
             if last:
                 # fp32 norms per part, as torch.nn.utils.clip_grad_norm_ takes them per tensor.
-                sumsq = sum(torch.linalg.vector_norm(part.grad).item() ** 2 for part in group.parts)
+                part_norms = norms.tolist() if norms is not None else [torch.linalg.vector_norm(p.grad).item() for p in group.parts]
+                sumsq = sum(norm**2 for norm in part_norms)
             self.busy_s["accumulate"] += time.perf_counter() - start_s
+            if self.events is not None:
+                self.events.append(("accumulate", start_s, time.perf_counter()))
             return sumsq
 
         future = self._worker.submit(task)
@@ -233,6 +251,8 @@ class OffloadedAdamW:
             self.busy_s[kind] += compute_end_s - start_s
             published = group.publish([part_state[MASTER] for part_state in state])
             self.busy_s["publish"] += time.perf_counter() - compute_end_s
+            if self.events is not None:
+                self.events += [("state_wait", wait_start_s, start_s), (kind, start_s, compute_end_s), ("publish", compute_end_s, time.perf_counter())]
             if self.tier is Tier.SSD:
                 # Write back behind: the worker moves on; the store orders a later fetch after this write.
                 for part, part_state in zip(group.parts, state):

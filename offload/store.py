@@ -27,6 +27,7 @@ Legend: `*_u8` is a flat uint8 view of a tensor's bytes.
 
 from __future__ import annotations
 
+import collections
 import enum
 import threading
 import time
@@ -97,7 +98,7 @@ class TieredStore:
         num_io_threads: SSD threads (posix) or kvikio's pool size: the disk's queue depth.
         io_chunk_bytes: how large requests are split among I/O threads.
         checksum: verify every SSD read against a checksum taken at write (see `offload.swapfile`).
-        trace: record a `TraceEvent` per leg in `self.trace`.
+        trace: record a `TraceEvent` per leg in `self.trace` (setting `self.trace = []` later starts it).
 
     Raises:
         OffloadError: the swap file does not fit under `ssd_dir`, or the GPU cap exceeds the device.
@@ -140,6 +141,10 @@ class TieredStore:
                 raise
         self.trace: list[TraceEvent] | None = [] if trace else None
         self._t0 = time.perf_counter()
+        # Bytes of the legs started so far, per kind (h2d, d2h, ..., ssd_write): cheap enough to keep
+        # always, so a run's summary can say what it moved without the trace.
+        self.moved_bytes: dict[str, int] = collections.Counter()
+        self._moved_lock = threading.Lock()
         self._lock = threading.RLock()  # re-entered when a callback runs inline
         # Per storage or extent: the move that last writes it, and the moves reading it since.
         self._writer: dict[tuple, Future] = {}
@@ -334,6 +339,8 @@ class TieredStore:
         return self._traced(kind, start_s, extent.capacity_bytes, io(extent, buffer_u8))
 
     def _traced(self, kind: str, start_s: float, num_bytes: int, future: Future) -> Future:
+        with self._moved_lock:
+            self.moved_bytes[kind] += num_bytes
         if self.trace is not None:
 
             def record(_: Future) -> None:
@@ -342,6 +349,11 @@ class TieredStore:
 
             future.add_done_callback(record)
         return future
+
+    @property
+    def trace_origin_s(self) -> float:
+        """The `time.perf_counter()` value that `TraceEvent` times count from."""
+        return self._t0
 
     # ---- named tensors -------------------------------------------------------------------------
 
@@ -358,6 +370,19 @@ class TieredStore:
         if name not in self._homes:
             raise OffloadError(f"no tensor named {name!r} in the store; put() it first")
         return self._homes[name]
+
+    def settled(self, name: str) -> torch.Tensor:
+        """`name`'s home (a CPU or GPU tensor) once every move issued on it is done.
+
+        For a caller that writes the home in place itself (the runtime's cast of updated weights
+        into their CPU home): no move may still be reading or writing those bytes.
+        """
+        home = self.home(name)
+        if isinstance(home, SSDTensor):
+            raise OffloadError(f"{name!r} lives on the SSD; write it with write_back()")
+        for future in self._pending(_key(home)):
+            future.result()
+        return home
 
     def fetch(self, name: str, tier: Tier | str) -> Future:
         """Start copying `name` into a new working tensor on `tier`; result: that tensor.

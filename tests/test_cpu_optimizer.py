@@ -21,7 +21,11 @@ def run_optimizer(tier, tmp_path, grads_per_step, clips, *, speculate):
             optimizer.add_group(key, masters, [0.1, 0.0], lambda m, key=key: completed(published.__setitem__(key, [t.clone() for t in m])))
         for grads, clip in zip(grads_per_step, clips):
             for key in initial:
-                optimizer.accumulate(key, grads[key], completed(), first=True, last=True)
+                # Two micro-batches: the first copied into the accumulators, the second added (halves sum exactly).
+                for buffer, grad in zip(optimizer.gradient_buffers(key), grads[key]):
+                    buffer.copy_(grad * 0.5)
+                optimizer.accumulate(key, None, completed(), last=False)
+                optimizer.accumulate(key, [grad * 0.5 for grad in grads[key]], completed(), last=True)
             if speculate:
                 optimizer.update("a", lr=LR, next_key="b")
                 optimizer.update("b", lr=LR)

@@ -51,6 +51,8 @@ def median_unclipped_norm(model, data):
 PLACEMENTS = [
     # preset, shape changes, (params, optimizer, activations), grad_accum, prefetch depth
     pytest.param("tiny-llama", {}, ("cpu", "cpu", "cpu"), 2, 1, id="llama-cpu-cpu-cpu"),
+    # grad_accum 1: gradients land in the accumulators and the compute device takes the norms
+    pytest.param("tiny-gpt3", ODD_GPT, ("cpu", "ssd", "cpu"), 1, 2, id="odd-gpt-cpu-ssd-cpu-ga1"),
     pytest.param("tiny-gpt3", {}, ("gpu", "ssd", "none"), 2, 1, id="gpt-gpu-ssd-none"),
     pytest.param("tiny-llama", ODD_LLAMA, ("ssd", "ssd", "ssd"), 3, 2, id="odd-llama-ssd-ssd-ssd"),
     pytest.param("tiny-gpt3", ODD_GPT, ("ssd", "cpu", "gpu"), 2, 0, id="odd-gpt-ssd-cpu-gpu"),
@@ -58,8 +60,13 @@ PLACEMENTS = [
 ]
 
 
+@pytest.mark.parametrize("head_chunk_tokens", [None, 24], ids=["one-head-chunk", "head-per-row"])
 @pytest.mark.parametrize("preset, changes, placement, grad_accum, depth", PLACEMENTS)
-def test_fuyou_matches_the_reference_every_step(preset, changes, placement, grad_accum, depth, tmp_path):
+def test_fuyou_matches_the_reference_every_step(preset, changes, placement, grad_accum, depth, head_chunk_tokens, tmp_path, monkeypatch):
+    if head_chunk_tokens is not None:  # the head and loss in chunks of one row of 24 tokens
+        if placement != ("cpu", "cpu", "cpu") and grad_accum != 1:
+            pytest.skip("one chunked case per update path is enough")
+        monkeypatch.setattr("fuyou.schedule.HEAD_CHUNK_TOKENS", head_chunk_tokens)
     config = get_preset(preset).replace(**changes)
     model = build_model(config, seed=0)
     data = step_data(config.vocab_size, grad_accum)
