@@ -18,6 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,35 @@ class Case:
 
     def command(self) -> str:
         return shlex.join(["fuyou", "train", "--config", self.config, *self.overrides])
+
+
+def _fuyou_2_7b(optimizer: str, batch_size: int, grad_accum: int) -> Case:
+    """The Fuyou runtime on the GPT-3 2.7B shape under the 24 GiB cap; optimizer state in RAM or on SSD."""
+    path = "ram" if optimizer == "cpu" else "ssd"
+    where = "every state in CPU RAM" if optimizer == "cpu" else "optimizer state (fp32 masters, moments) on SSD, params and activations in RAM"
+    return Case(
+        f"fuyou-2.7b-{path}-b{batch_size}-ga{grad_accum}",
+        f"Fuyou runtime, GPT-3 2.7B shape, bf16, {where}, GPU capped at 24 GiB, batch {batch_size} x 2048, grad_accum {grad_accum}",
+        "configs/tiny.yaml",
+        (
+            "model.preset=gpt3-2.7b",
+            "runtime=fuyou",
+            "device=cuda",
+            "train.precision=bf16",
+            "data.source=synthetic",
+            "train.save_final=false",
+            f"train.steps={5 if optimizer == 'cpu' else 3}",
+            f"train.batch_size={batch_size}",
+            "train.seq_len=2048",
+            f"train.grad_accum={grad_accum}",
+            "train.lr=1e-4",
+            "offload.params=cpu",
+            f"offload.optimizer={optimizer}",
+            "offload.activations=cpu",
+            "offload.gpu_memory_gb=24",
+            "offload.prefetch_depth=2",
+        ),
+    )
 
 
 _GPU_REFERENCE = ("runtime=reference", "device=cuda", "train.precision=bf16", "data.source=synthetic", "train.save_final=false")
@@ -59,31 +89,11 @@ CASES = [
         ),
     ),
     *(
-        Case(
-            f"fuyou-2.7b-ram-b{batch_size}-ga{grad_accum}",
-            f"Fuyou runtime, GPT-3 2.7B shape, bf16, every state in CPU RAM (params/optimizer/activations cpu), "
-            f"GPU capped at 24 GiB, batch {batch_size} x 2048, grad_accum {grad_accum}",
-            "configs/tiny.yaml",
-            (
-                "model.preset=gpt3-2.7b",
-                "runtime=fuyou",
-                "device=cuda",
-                "train.precision=bf16",
-                "data.source=synthetic",
-                "train.save_final=false",
-                "train.steps=5",
-                f"train.batch_size={batch_size}",
-                "train.seq_len=2048",
-                f"train.grad_accum={grad_accum}",
-                "train.lr=1e-4",
-                "offload.params=cpu",
-                "offload.optimizer=cpu",
-                "offload.activations=cpu",
-                "offload.gpu_memory_gb=24",
-                "offload.prefetch_depth=2",
-            ),
+        _fuyou_2_7b(optimizer, batch_size, grad_accum)
+        for optimizer, batch_size, grad_accum in (
+            ("cpu", 8, 2), ("cpu", 8, 4), ("cpu", 4, 8), ("cpu", 8, 1), ("cpu", 16, 1), ("cpu", 32, 1),
+            ("ssd", 8, 1), ("ssd", 32, 1),
         )
-        for batch_size, grad_accum in ((8, 2), (8, 4), (4, 8))
     ),
     Case(
         "fuyou-tiny-cpu",
@@ -122,8 +132,13 @@ def run_case(case: Case) -> dict:
     from fuyou.config import TrainConfig
     from fuyou.trainer import Trainer
 
-    trainer = Trainer(TrainConfig.from_yaml(case.config, case.overrides), output_dir=None, progress=False)
-    summary = trainer.train()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{case.name}-") as output_dir:
+        trainer = Trainer(TrainConfig.from_yaml(case.config, case.overrides), output_dir=output_dir, overwrite=True, progress=False)
+        summary = trainer.train()
+        # Per-step rows (loss, grad norm, step time) from the run's own metrics.jsonl.
+        keep = ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s")
+        lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+        steps = [{key: row[key] for key in keep if key in row} for row in map(json.loads, lines)]
     return {
         "case": case.name,
         "description": case.description,
@@ -133,6 +148,7 @@ def run_case(case: Case) -> dict:
         "command": case.command(),
         "parameters": trainer.num_parameters,
         "metrics": asdict(summary),
+        "steps": steps,
         # The Fuyou runtime's breakdown (CPU optimizer worker seconds, update modes, tier peaks).
         "runtime_stats": trainer.runtime.stats() if hasattr(trainer.runtime, "stats") else None,
     }
