@@ -1,12 +1,17 @@
 """Named benchmark cases, run in one process, written as JSON and printed as a Markdown table.
 
     python -m benchmarks.run --case ref-1.3b-bs4 --case ref-1.3b-ckpt-bs8
+    python -m benchmarks.run --case ssd-1.3b --case ram-2.7b [--system fuyou --system zero-infinity]
     python -m benchmarks.run --list
 
 Each case is a config plus overrides, trained through the same `fuyou.Trainer` users run, so a
 figure here is what `fuyou train` with the printed command gives. Steps are few: throughput is the
 mean over the steps after the first (see fuyou.metrics.TrainSummary). Results go to
 benchmarks/results/<case>.json with date, device, commit and the equivalent command.
+
+The comparisons with DeepSpeed (issue 6: `ssd-1.3b`, `ram-2.7b`, `ssd-2.7b`) are named here too but
+live in benchmarks/compare.py: each system runs in its own subprocess, Fuyou's side as
+`python -m benchmarks.run --case <its case> --set offload.ssd_dir=... --json-out ...`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,9 +97,16 @@ CASES = [
     *(
         _fuyou_2_7b(optimizer, batch_size, grad_accum)
         for optimizer, batch_size, grad_accum in (
-            ("cpu", 8, 2), ("cpu", 8, 4), ("cpu", 4, 8), ("cpu", 8, 1), ("cpu", 16, 1), ("cpu", 32, 1),
+            ("cpu", 8, 2), ("cpu", 8, 4), ("cpu", 4, 8), ("cpu", 8, 1), ("cpu", 16, 1), ("cpu", 32, 1), ("cpu", 64, 1),
             ("ssd", 8, 1), ("ssd", 32, 1),
         )
+    ),
+    Case(
+        "fuyou-1.3b-ssd-b8-ga1",
+        "Fuyou runtime, GPT-3 1.3B shape, bf16, optimizer state (fp32 masters, moments) on SSD, params and "
+        "activations in RAM, GPU capped at 24 GiB, batch 8 x 2048, 3 steps (Fuyou's side of the ssd-1.3b comparison)",
+        "configs/tiny.yaml",
+        tuple(override.replace("gpt3-2.7b", "gpt3-1.3b") for override in _fuyou_2_7b("ssd", 8, 1).overrides),
     ),
     Case(
         "fuyou-tiny-cpu",
@@ -128,53 +141,106 @@ def _commit() -> str:
         return "unknown"
 
 
-def run_case(case: Case) -> dict:
+def run_case(case: Case, extra_overrides: tuple[str, ...] = ()) -> dict:
+    """Trains `case` in this process; `extra_overrides` (e.g. offload.ssd_dir=...) go after the case's own."""
+    from benchmarks.deepspeed_baseline import io_delta, proc_io
     from fuyou.config import TrainConfig
     from fuyou.trainer import Trainer
 
+    overrides = (*case.overrides, *extra_overrides)
     with tempfile.TemporaryDirectory(prefix=f"bench-{case.name}-") as output_dir:
-        trainer = Trainer(TrainConfig.from_yaml(case.config, case.overrides), output_dir=output_dir, overwrite=True, progress=False)
+        trainer = Trainer(TrainConfig.from_yaml(case.config, overrides), output_dir=output_dir, overwrite=True, progress=False)
+        # This process's disk traffic per step (/proc/self/io around the runtime's step), the counters
+        # benchmarks.deepspeed_baseline reads for DeepSpeed: the same measure on both sides of a comparison.
+        step_io: list[dict] = []
+        runtime_step = trainer.runtime.step
+
+        def measured_step(micro_batches):
+            io_before = proc_io()
+            result = runtime_step(micro_batches)
+            step_io.append(io_delta(io_before, proc_io()))
+            return result
+
+        trainer.runtime.step = measured_step
         summary = trainer.train()
         # Per-step rows (loss, grad norm, step time) from the run's own metrics.jsonl.
         keep = ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s")
         lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
         steps = [{key: row[key] for key in keep if key in row} for row in map(json.loads, lines)]
+        for row, io in zip(steps, step_io):
+            row["io"] = io
     return {
         "case": case.name,
         "description": case.description,
         "device": _device_name(),
         "date": datetime.date.today().isoformat(),
         "commit": _commit(),
-        "command": case.command(),
+        "command": shlex.join(["fuyou", "train", "--config", case.config, *overrides]),
         "parameters": trainer.num_parameters,
         "metrics": asdict(summary),
         "steps": steps,
         # The Fuyou runtime's breakdown (CPU optimizer worker seconds, update modes, tier peaks).
         "runtime_stats": trainer.runtime.stats() if hasattr(trainer.runtime, "stats") else None,
+        "peak_gpu_reserved_bytes": _peak_gpu_reserved_bytes(trainer.device),
     }
+
+
+def _peak_gpu_reserved_bytes(device) -> int | None:
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_reserved(device)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", action="append", default=[], help="case name (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the cases")
+    parser.add_argument("--system", action="append", default=[],
+                        help="comparisons: run only these systems (fuyou, zero-infinity, zero-offload, pytorch; repeatable)")
+    parser.add_argument("--ssd-dir", default=os.environ.get("FUYOU_BENCH_SSD_DIR", "/root/fuyou-bench"),
+                        help="comparisons: every system's swap files go under this directory (on the disk to measure)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="cases: overrides after the case's own (e.g. offload.ssd_dir=/mnt/nvme/fuyou)")
+    parser.add_argument("--json-out", default=None, help="cases: write the result here, not benchmarks/results/<case>.json")
     args = parser.parse_args(argv)
+    from benchmarks.compare import COMPARISONS, comparison_table, run_comparison
+
     by_name = {case.name: case for case in CASES}
+    comparisons = {comparison.name: comparison for comparison in COMPARISONS}
     if args.list or not args.case:
         for case in CASES:
             print(f"{case.name:22s} {case.description}")
+        for comparison in COMPARISONS:
+            print(f"{comparison.name:22s} [{', '.join(comparison.systems())}] {comparison.description}")
         return 0
-    unknown = [name for name in args.case if name not in by_name]
+    unknown = [name for name in args.case if name not in by_name and name not in comparisons]
     if unknown:
-        print(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(by_name)}", file=sys.stderr)
+        print(f"unknown case(s) {', '.join(unknown)}; known: {', '.join([*by_name, *comparisons])}", file=sys.stderr)
+        return 2
+    if args.json_out and len(args.case) != 1:
+        print("--json-out takes exactly one --case", file=sys.stderr)
         return 2
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, comparison_rows = [], []
     for name in args.case:
-        result = run_case(by_name[name])
-        (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        if name in comparisons:
+            result = run_comparison(comparisons[name], args.system, Path(args.ssd_dir))
+            (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            comparison_rows.append(result)
+            print(f"done {name}: Fuyou / system, model TFLOPS: {json.dumps(result['ratio'])}", flush=True)
+            continue
+        start_s = time.perf_counter()
+        result = run_case(by_name[name], tuple(args.set))
+        result["wall_s"] = time.perf_counter() - start_s
+        (Path(args.json_out) if args.json_out else RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         rows.append(result)
         print(f"done {name}: {json.dumps(result['metrics'])}", flush=True)
+    if comparison_rows:
+        print("\n" + comparison_table(comparison_rows))
+    if not rows:
+        return 0
     print("\n| case | params | tokens/s | s/10k tok | model TFLOPS | peak GPU GiB | peak CPU GiB | loss first→last |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:

@@ -85,9 +85,16 @@ class AdamWKernel:
             self._deepspeed = DeepSpeedCPUAdam([torch.zeros(1)], betas=betas, eps=eps, adamw_mode=True)
 
     def step(self, master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-             *, step: int, lr: float, weight_decay: float) -> None:
-        """Update `master`, `exp_avg`, `exp_avg_sq` (fp32 CPU, same shape) for Adam step `step` (1-based)."""
+             *, step: int, lr: float, weight_decay: float, clip: float = 1.0) -> None:
+        """Update `master`, `exp_avg`, `exp_avg_sq` (fp32 CPU, same shape) for Adam step `step` (1-based).
+
+        `clip` scales the gradient first, as torch.nn.utils.clip_grad_norm_ does; `grad` may be
+        overwritten with the scaled gradient. torch's kernel folds the scale into its own pass
+        (its `grad_scale`, which divides: 1 / clip), saving a pass over the gradient.
+        """
         beta1, beta2 = self.betas
+        if clip != 1.0 and self._deepspeed is not None:
+            grad.mul_(clip)
         if self._deepspeed is not None:
             self._deepspeed.ds_opt_adam.adam_update(
                 self._deepspeed.opt_id, step, lr, beta1, beta2, self.eps, weight_decay, True,
@@ -98,6 +105,7 @@ class AdamWKernel:
         torch._fused_adamw_(
             [master], [grad], [exp_avg], [exp_avg_sq], [], [step_tensor],
             lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+            **({} if clip == 1.0 else {"grad_scale": torch.tensor(1.0 / clip), "found_inf": torch.tensor(0.0)}),
         )
 
 
@@ -207,10 +215,8 @@ class OffloadedAdamW:
         def task(state: list[torch.Tensor]) -> None:
             group.step += 1
             for part, part_state in zip(group.parts, state):
-                if clip != 1.0:
-                    part.grad.mul_(clip)  # as torch.nn.utils.clip_grad_norm_ scales the gradient
                 self.kernel.step(part_state[MASTER], part.grad, part_state[EXP_AVG], part_state[EXP_AVG_SQ],
-                                 step=group.step, lr=lr, weight_decay=part.weight_decay)
+                                 step=group.step, lr=lr, weight_decay=part.weight_decay, clip=clip)
 
         return self._submit_with_state("update", key, next_key, task)
 
