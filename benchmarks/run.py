@@ -232,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done {name}: Fuyou / system, model TFLOPS: {json.dumps(result['ratio'])}", flush=True)
             continue
         start_s = time.perf_counter()
-        result = run_case(by_name[name], tuple(args.set))
+        try:
+            result = run_case(by_name[name], tuple(args.set))
+        except Exception as error:  # noqa: BLE001 - one failed case (e.g. out of memory) must not lose the others
+            print(f"FAILED {name}: {type(error).__name__}: {error}", flush=True)
+            continue
         result["wall_s"] = time.perf_counter() - start_s
         (Path(args.json_out) if args.json_out else RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         rows.append(result)
