@@ -30,6 +30,13 @@ Which matrix, for size n (`hadamard_layout`):
 Every factor is scaled by 1/sqrt(its order), so H_n is orthogonal: H_n H_n^T = I. Paley I matrices are not
 symmetric, so the inverse (`inverse=True`) applies H_n^T, not H_n.
 
+Block-diagonal rotations (`rotate_blocks`). HALO's GPU path rotates by I_(n/b) ⊗ H_b, a normalised
+Sylvester matrix of order b = 4^k <= 256 repeated along the diagonal, as HALO's reference code does with its
+`had_size`: one matmul with K = b in the operand's own dtype (bf16 on the GPU), 2b flops per element and
+one read and one write, where the full H_n above takes a pass per factor in fp32. Mixing is then within
+each block of b entries, so an outlier's amax drops by sqrt(b) = 16 rather than sqrt(n). b is a power of
+4 so that every entry, ±1/sqrt(b) = ±2^-k, is exact in bf16: the matrix stays exactly orthogonal.
+
 Convention: `rotate(x, dim)` multiplies axis `dim` by H_n from the right, y[..., j, ...] = sum_i x[..., i, ...]
 H_n[i, j]; for a matrix X_TI that is X H (dim=-1) or H^T X (dim=0). `rotate(rotate(x, dim), dim, inverse=True)
 == x` up to rounding.
@@ -108,7 +115,7 @@ class HadamardLayout:
         return self.blocks == 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hadamard_layout(n: int) -> HadamardLayout:
     """How `rotate` builds its orthogonal matrix of order n.
 
@@ -134,7 +141,7 @@ def _legendre(a: int, q: int) -> int:
     return 1 if pow(a, (q - 1) // 2, q) == 1 else -1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _paley_matrix(d: int) -> torch.Tensor:
     """An unnormalised ±1 Hadamard matrix of Paley order d, float64 on the CPU."""
     kind = _paley_kind(d)
@@ -219,6 +226,50 @@ def rotate(x: torch.Tensor, dim: int = -1, *, inverse: bool = False) -> torch.Te
         outer *= order
     y = y * (1.0 / math.sqrt(layout.power))
     return y.reshape(moved.shape).to(x.dtype).movedim(-1, dim)
+
+
+def block_order(n: int, max_block: int) -> int:
+    """The order b of the diagonal blocks `rotate_blocks` uses: the largest power of 4 that divides n and is
+    <= max_block (1, no rotation, for n not divisible by 4)."""
+    order = 1
+    while order * 4 <= max_block and n % (order * 4) == 0:
+        order *= 4
+    return order
+
+
+@functools.lru_cache(maxsize=64)
+def _normalised_sylvester_on(order: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    assert order & (order - 1) == 0 and math.isqrt(order) ** 2 == order, order  # a power of 4: entries exact
+    return (_sylvester_on(order, torch.device("cpu"), torch.float64) / math.isqrt(order)).to(device=device, dtype=dtype)
+
+
+def rotate_blocks(x: torch.Tensor, dim: int = -1, *, max_block: int = 256) -> torch.Tensor:
+    """Multiply axis `dim` of `x` by I_(n/b) ⊗ H_b from the right, b = `block_order(n, max_block)`.
+
+    H_b is the normalised Sylvester matrix: symmetric and orthogonal, so the same call also undoes itself
+    (rotate_blocks(rotate_blocks(x, d), d) == x up to rounding).
+
+    Args:
+        x: any shape, floating point, any device; n = x.shape[dim].
+        dim: the axis to rotate.
+        max_block: the largest block order; a power of 4.
+
+    Returns:
+        A new tensor of x's shape, dtype and device (x itself when b = 1). One matmul in x's dtype: on CUDA
+        a bf16 x is multiplied on tensor cores with fp32 accumulation and rounded once to bf16.
+    """
+    n = x.shape[dim]
+    order = block_order(n, max_block)
+    if order == 1:
+        return x
+    h_bb = _normalised_sylvester_on(order, x.device, x.dtype)
+    dim = dim % x.ndim
+    if dim == x.ndim - 1:
+        return (x.reshape(-1, order) @ h_bb).reshape(x.shape)
+    # Axis `dim` first, then [n / b, b, rest]: H_b^T (= H_b) times each [b, rest] slice, a batched matmul.
+    moved = x.movedim(dim, 0)
+    y = torch.matmul(h_bb, moved.reshape(n // order, order, -1))
+    return y.reshape(moved.shape).movedim(0, dim)
 
 
 def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -28,28 +28,92 @@ kept for backward (half the bytes of a bf16 X), and no tensor is quantized twice
 along tokens only for dX, as the paper's level 2 does: rotating it along tokens inside dW (whose reduced
 axis is T) would need a token-rotated second FP8 copy of X.
 
+Rotations. By default every H is block-diagonal, I ⊗ H_b with b = 4^k <= 256 (`quant.hadamard.rotate_blocks`,
+the `had_size` of HALO's reference code): one bf16 GEMM of K = b per rotation, so a rotation costs about
+one read and one write of the tensor. `hadamard_block=None` rotates by the full H_n of the axis instead
+(`quant.hadamard.rotate`, several fp32 passes: an ablation, not the fast path). Every identity above holds
+for any orthogonal H, so both are exact before quantization.
+
 Numerics. e4m3 keeps 3 mantissa bits (relative rounding error <= 2^-4) and a range of +-448; a tensor is
-scaled so that its largest magnitude maps to 448. On CUDA the GEMM is `torch._scaled_mm` (FP8 inputs,
-fp32 accumulation, bf16 or fp32 output). Elsewhere it is simulated: the same FP8 values are dequantized
-and multiplied in fp32 (fp64 for fp64 inputs), which is what the CPU tests check against float64 math.
+scaled so that its largest magnitude maps to 448 (current scaling: the amax of this very tensor). On CUDA
+the GEMM is `torch._scaled_mm` (FP8 inputs, fp32 accumulation, bf16 or fp32 output; the forward uses
+Hopper's fast accumulation, the two backward GEMMs do not, as Transformer Engine does). Elsewhere it is
+simulated: the same FP8 values are dequantized and multiplied in fp32 (fp64 for fp64 inputs), which is
+what the CPU tests check against float64 math. Under autocast, HaloLinear casts x and W to the autocast
+dtype first, as nn.Linear's autocast does, so rotations and quantization read bf16, never fp32.
 Because e4m3 is a float format, moderate outliers cost little even at level 0; rotations pay off once a
 tensor's dynamic range exceeds e4m3's (~2^17, see the outlier test), and matter more for integer formats
 (the reference code's README runs FP8 at level 0 and INT8 at level 2). `quantize=False` keeps every
 rotation but skips Q, so tests can prove the rotations are placed and undone right to rounding error.
+
+Layouts (CUDA). FP8 `_scaled_mm` on Hopper takes only A row-major and B column-major, i.e. both operands
+with the reduced axis contiguous. The weight gradient reduces over tokens, so it needs X^T and dY^T with
+tokens contiguous, and the input gradient needs W^T. The quantizer therefore writes each FP8 tensor in the
+layouts its GEMMs need, in the same pass that scales it: the forward keeps Q(X H_I)^T and Q(W H_I)^T for
+backward (the same bytes as keeping the row-major copies). On CUDA the quantizer (amax, scale, cast, both
+layouts) runs through torch.compile, two fused kernels, unless `use_compiled_quantizer(False)`; if the
+compiler fails it warns once and falls back to eager torch ops.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from quant.hadamard import rotate
+from quant.hadamard import rotate, rotate_blocks
 
 LEVELS = (0, 1, 2)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 # torch._scaled_mm wants every GEMM dimension to be a multiple of 16; others are zero-padded (exact).
 SCALED_MM_ALIGN = 16
+# Order of the diagonal Hadamard blocks (module docstring, Rotations); None means the full H_n.
+HADAMARD_BLOCK = 256
+
+# Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
+_compiler = {"enabled": True, "failed": False, "function": None}
+
+
+def use_compiled_quantizer(enabled: bool) -> None:
+    """Quantize CUDA tensors through torch.compile (enabled, the default) or with eager torch ops.
+
+    Compiled: one reduction kernel (amax) and one pointwise kernel writing every requested layout. Eager:
+    the same math in four to five kernels with bf16 temporaries. CPU tensors always take the eager path.
+    """
+    _compiler["enabled"] = enabled
+
+
+def compiled_quantizer_failed() -> bool:
+    """Whether torch.compile failed here once, so that CUDA quantization now always runs eagerly."""
+    return _compiler["failed"]
+
+
+def _quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool):
+    """(x_fp8 [R, C] or None, x_fp8^T contiguous [C, R] or None, scale) with x ≈ x_fp8 * scale.
+
+    No clamp is needed before the cast: |x| / scale <= 448 up to one rounding, and e4m3fn rounds anything
+    below 464 to at most 448 (only values >= 464 would become NaN).
+    """
+    amax = torch.linalg.vector_norm(x_RC, float("inf")).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    x_fp8 = (x_RC * scale.reciprocal()).to(FP8_DTYPE)
+    return (x_fp8 if rows else None), (x_fp8.t().contiguous() if cols else None), scale
+
+
+def _quantize(x_RC: torch.Tensor, rows: bool = True, cols: bool = False):
+    if x_RC.is_cuda and _compiler["enabled"] and not _compiler["failed"]:
+        if _compiler["function"] is None:
+            _compiler["function"] = torch.compile(_quantize_math, dynamic=True)
+        try:
+            return _compiler["function"](x_RC, rows, cols)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any compiler failure: keep training on eager ops
+            warnings.warn(f"torch.compile of the HALO quantizer failed, using eager torch ops: {error!r:.300}", stacklevel=2)
+            _compiler["failed"] = True
+    return _quantize_math(x_RC, rows, cols)
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,10 +126,7 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (x_fp8 of x's shape in float8_e4m3fn, scale: fp32 scalar tensor = amax(|x|) / 448). An all-zero
         tensor gets scale 1 rather than a division by zero.
     """
-    amax = x.detach().abs().amax().float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    # Clamp first: e4m3fn has no infinity, and a value rounding past 448 would become NaN.
-    x_fp8 = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    x_fp8, _, scale = _quantize(x, rows=True, cols=False)
     return x_fp8, scale
 
 
@@ -75,17 +136,18 @@ class _Operand:
     def __init__(self, values: torch.Tensor, scale: torch.Tensor | None):
         self.values, self.scale = values, scale
 
-    @classmethod
-    def of(cls, x: torch.Tensor, quantize: bool) -> _Operand:
-        return cls(*quantize_fp8(x)) if quantize else cls(x, None)
-
-    def t(self) -> _Operand:
-        return _Operand(self.values.t(), self.scale)
-
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         if self.scale is None:
             return self.values.to(dtype)
         return self.values.to(dtype) * self.scale.to(dtype)
+
+
+def _operands(x_RC: torch.Tensor, quantize: bool, *, rows: bool = True, cols: bool = False):
+    """(x [R, C], x^T [C, R]) as operands, each only if asked for; quantized ones share one scale."""
+    if not quantize:
+        return (_Operand(x_RC, None) if rows else None), (_Operand(x_RC.t(), None) if cols else None)
+    x_rows, x_cols, scale = _quantize(x_RC, rows, cols)
+    return (_Operand(x_rows, scale) if rows else None), (_Operand(x_cols, scale) if cols else None)
 
 
 def _pad_to(x_RC: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -97,67 +159,79 @@ def _pad_to(x_RC: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return padded
 
 
-def _scaled_mm(a: _Operand, b_NK: _Operand, out_dtype: torch.dtype) -> torch.Tensor:
-    """a_MK @ b_NK^T on FP8 tensor cores (CUDA only)."""
-    (m, k), n = a.values.shape, b_NK.values.shape[0]
-    align = lambda size: -(-size // SCALED_MM_ALIGN) * SCALED_MM_ALIGN  # noqa: E731
+def _scaled_mm(a_MK: _Operand, b_NK: _Operand, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
+    """a_MK @ b_NK^T on FP8 tensor cores. Both operands come row-major with K contiguous (the quantizer wrote
+    them so); `.contiguous()` below is then free, and only a padded (unaligned) operand is copied."""
+    (m, k), n = a_MK.values.shape, b_NK.values.shape[0]
+    align = lambda size: -(-size // SCALED_MM_ALIGN) * SCALED_MM_ALIGN
+    a_values = _pad_to(a_MK.values, align(m), align(k)).contiguous()
+    b_values = _pad_to(b_NK.values, align(n), align(k)).contiguous()
     # _scaled_mm takes A row-major [M, K] and B column-major [K, N]: a contiguous [N, K] seen transposed.
-    a_MK = _pad_to(a.values, align(m), align(k)).contiguous()
-    b_NK_values = _pad_to(b_NK.values, align(n), align(k)).contiguous()
-    out_MN = torch._scaled_mm(a_MK, b_NK_values.t(), a.scale, b_NK.scale, out_dtype=out_dtype)
+    out_MN = torch._scaled_mm(a_values, b_values.t(), a_MK.scale, b_NK.scale, out_dtype=out_dtype,
+                              use_fast_accum=fast_accum)
     return out_MN[:m, :n]
 
 
-def _gemm(a_MK: _Operand, b_NK: _Operand, out_dtype: torch.dtype) -> torch.Tensor:
+def _gemm(a_MK: _Operand, b_NK: _Operand, out_dtype: torch.dtype, *, fast_accum: bool = False) -> torch.Tensor:
     """a_MK @ b_NK^T, on FP8 tensor cores when quantized on CUDA, else simulated at high precision."""
     if a_MK.scale is not None and a_MK.values.is_cuda:
-        return _scaled_mm(a_MK, b_NK, out_dtype)
+        return _scaled_mm(a_MK, b_NK, out_dtype, fast_accum)
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
     return (a_MK.dequantized(compute) @ b_NK.dequantized(compute).t()).to(out_dtype)
+
+
+def _rotate(x: torch.Tensor, dim: int, block: int | None, *, inverse: bool = False) -> torch.Tensor:
+    """x times H (H^T if inverse) along `dim`: diagonal blocks of order <= `block`, or the full H_n if None."""
+    if block is None:
+        return rotate(x, dim, inverse=inverse)
+    return rotate_blocks(x, dim, max_block=block)  # symmetric and orthogonal: its own inverse
 
 
 class HaloMatmul(torch.autograd.Function):
     """y_TO = x_TI @ weight_OI^T with HALO's FP8 GEMMs and rotations (table in the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x_TI, weight_OI, level: int, quantize: bool, out_dtype: torch.dtype):
+    def forward(ctx, x_TI, weight_OI, level: int, quantize: bool, out_dtype: torch.dtype, block: int | None):
+        needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rotated = level >= 1
         with torch.autocast(x_TI.device.type, enabled=False):
-            rotated = level >= 1
-            x_op = _Operand.of(rotate(x_TI, -1) if rotated else x_TI, quantize)  # Q(X H_I)
-            w_op = _Operand.of(rotate(weight_OI, -1) if rotated else weight_OI, quantize)  # Q(W H_I)
-            y_TO = _gemm(x_op, w_op, out_dtype)  # (X H_I)(W H_I)^T = X W^T
-        ctx.level, ctx.quantize = level, quantize
+            # Q(X H_I), and its transpose for dW = dY^T X; Q(W H_I), and its transpose for dX = dY W.
+            x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw)
+            w_op, w_t_op = _operands(_rotate(weight_OI, -1, block) if rotated else weight_OI, quantize, cols=needs_dx)
+            y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True)  # (X H_I)(W H_I)^T = X W^T
+        ctx.level, ctx.quantize, ctx.block = level, quantize, block
         ctx.x_dtype, ctx.weight_dtype = x_TI.dtype, weight_OI.dtype
-        ctx.x_op_scale, ctx.w_op_scale = x_op.scale, w_op.scale
-        ctx.save_for_backward(x_op.values, w_op.values)
+        ctx.x_scale, ctx.w_scale = x_op.scale, w_op.scale
+        ctx.save_for_backward(x_t_op.values if needs_dw else None, w_t_op.values if needs_dx else None)
         return y_TO
 
     @staticmethod
     def backward(ctx, dy_TO):
-        x_values, w_values = ctx.saved_tensors
-        x_op, w_op = _Operand(x_values, ctx.x_op_scale), _Operand(w_values, ctx.w_op_scale)
-        rotated = ctx.level >= 1
+        x_t_values, w_t_values = ctx.saved_tensors
+        needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        level, quantize, block = ctx.level, ctx.quantize, ctx.block
+        dy_TO = dy_TO.contiguous()
         dx_TI = dw_OI = None
         with torch.autocast(dy_TO.device.type, enabled=False):
-            dy_op = _Operand.of(dy_TO, ctx.quantize)
-            if ctx.needs_input_grad[0]:
-                if ctx.level == 2:
-                    dy_rot_op = _Operand.of(rotate(dy_TO, 0), ctx.quantize)  # Q(H_T^T dY)
-                    dx_TI = _gemm(dy_rot_op, w_op.t(), ctx.x_dtype)  # H_T^T dY W H_I
-                    dx_TI = rotate(dx_TI, 0, inverse=True)  # H_T . : dY W H_I
-                else:
-                    dx_TI = _gemm(dy_op, w_op.t(), ctx.x_dtype)  # dY W H_I (level 0: dY W)
-                if rotated:
-                    dx_TI = rotate(dx_TI, -1, inverse=True)  # . H_I^T : dY W
-            if ctx.needs_input_grad[1]:
-                dw_OI = _gemm(dy_op.t(), x_op.t(), ctx.weight_dtype)  # dY^T X H_I (level 0: dY^T X)
-                if rotated:
-                    dw_OI = rotate(dw_OI, -1, inverse=True)  # . H_I^T : dY^T X
-        return dx_TI, dw_OI, None, None, None
+            # One quantization of dY serves both GEMMs (level 2 rotates it along tokens for dX only).
+            dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw)
+            if needs_dx:
+                if level == 2:
+                    dy_op, _ = _operands(_rotate(dy_TO, 0, block), quantize)  # Q(H_T^T dY)
+                dx_TI = _gemm(dy_op, _Operand(w_t_values, ctx.w_scale), ctx.x_dtype)  # [H_T^T] dY W [H_I]
+                if level == 2:
+                    dx_TI = _rotate(dx_TI, 0, block, inverse=True)  # H_T . : dY W H_I
+                if level >= 1:
+                    dx_TI = _rotate(dx_TI, -1, block, inverse=True)  # . H_I^T : dY W
+            if needs_dw:
+                dw_OI = _gemm(dy_t_op, _Operand(x_t_values, ctx.x_scale), ctx.weight_dtype)  # dY^T X [H_I]
+                if level >= 1:
+                    dw_OI = _rotate(dw_OI, -1, block, inverse=True)  # . H_I^T : dY^T X
+        return dx_TI, dw_OI, None, None, None, None
 
 
 def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quantize: bool = True,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, hadamard_block: int | None = HADAMARD_BLOCK) -> torch.Tensor:
     """x_TI @ weight_OI^T through HALO; differentiable in both arguments.
 
     Args:
@@ -166,6 +240,8 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
         level: 0, 1 or 2 (see the module docstring).
         quantize: False skips FP8 (rotations stay), for exactness tests and ablations.
         out_dtype: dtype of y; None means x's dtype. dX and dW come back in x's and the weight's dtypes.
+        hadamard_block: largest order of the diagonal Hadamard blocks (a power of 4), or None for the
+            full Hadamard matrix of each rotated axis.
 
     Returns:
         y_TO in `out_dtype`.
@@ -175,7 +251,7 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
     """
     if level not in LEVELS:
         raise ValueError(f"HALO level must be one of {LEVELS}, got {level!r}")
-    return HaloMatmul.apply(x_TI, weight_OI, level, quantize, out_dtype or x_TI.dtype)
+    return HaloMatmul.apply(x_TI, weight_OI, level, quantize, out_dtype or x_TI.dtype, hadamard_block)
 
 
 class HaloLinear(nn.Linear):
@@ -189,22 +265,24 @@ class HaloLinear(nn.Linear):
         in_features, out_features, bias, device, dtype: as nn.Linear.
         level: HALO level 0, 1 or 2.
         quantize: False keeps the rotations but skips FP8.
+        hadamard_block: largest order of the diagonal Hadamard blocks, or None for full rotations.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, level: int, quantize: bool = True,
-                 device=None, dtype=None):
+                 hadamard_block: int | None = HADAMARD_BLOCK, device=None, dtype=None):
         if level not in LEVELS:
             raise ValueError(f"HALO level must be one of {LEVELS}, got {level!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.level, self.quantize = level, quantize
+        self.level, self.quantize, self.hadamard_block = level, quantize, hadamard_block
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, level: int, quantize: bool = True) -> HaloLinear:
+    def from_linear(cls, linear: nn.Linear, *, level: int, quantize: bool = True,
+                    hadamard_block: int | None = HADAMARD_BLOCK) -> HaloLinear:
         """A HaloLinear holding `linear`'s own Parameter objects (no copy), so optimizers that already
         reference them keep updating the layer."""
         with torch.device("meta"):
             halo = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                       level=level, quantize=quantize)
+                       level=level, quantize=quantize, hadamard_block=hadamard_block)
         halo.weight = linear.weight
         halo.bias = linear.bias
         return halo
@@ -212,20 +290,24 @@ class HaloLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y[..., O] = x[..., I] W^T + b, with the leading axes of x flattened into tokens T.
 
-        Under autocast y comes out in the autocast dtype (bf16 on the GPU), as nn.Linear's would.
+        Under autocast x and W are cast to the autocast dtype first (bf16 on the GPU) and y comes out in
+        it, as with nn.Linear: the rotations and the quantizer then read bf16, and the casts' backward
+        returns fp32 gradients to fp32 master weights.
         """
-        device_type = x.device.type
-        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        y_TO = halo_matmul(x.reshape(-1, self.in_features), self.weight, level=self.level,
-                           quantize=self.quantize, out_dtype=out_dtype)
+        weight = self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        y_TO = halo_matmul(x.reshape(-1, self.in_features), weight, level=self.level, quantize=self.quantize,
+                           out_dtype=x.dtype, hadamard_block=self.hadamard_block)
         y = y_TO.reshape(*x.shape[:-1], self.out_features)  # reshape: a padded _scaled_mm result is a slice
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, level={self.level}, quantize={self.quantize}"
+        return f"{super().extra_repr()}, level={self.level}, quantize={self.quantize}, hadamard_block={self.hadamard_block}"
 
 
-def apply_halo(model: nn.Module, *, level: int, quantize: bool = True,
+def apply_halo(model: nn.Module, *, level: int, quantize: bool = True, hadamard_block: int | None = HADAMARD_BLOCK,
                exclude: tuple[str, ...] = ("lm_head",)) -> list[str]:
     """Swap every plain nn.Linear of `model` for a HaloLinear in place, except those named in `exclude`.
 
@@ -240,6 +322,7 @@ def apply_halo(model: nn.Module, *, level: int, quantize: bool = True,
         model: any module, e.g. a `fuyou.models.Transformer`.
         level: HALO level 0, 1 or 2.
         quantize: False keeps the rotations but skips FP8.
+        hadamard_block: largest order of the diagonal Hadamard blocks, or None for full rotations.
         exclude: last components of module names not to swap.
 
     Returns:
@@ -256,6 +339,7 @@ def apply_halo(model: nn.Module, *, level: int, quantize: bool = True,
             continue
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, HaloLinear.from_linear(module, level=level, quantize=quantize))
+        setattr(parent, child_name, HaloLinear.from_linear(module, level=level, quantize=quantize,
+                                                                    hadamard_block=hadamard_block))
         swapped.append(name)
     return swapped

@@ -17,8 +17,15 @@ from torch import nn
 from fuyou.data import Batch
 from fuyou.models import build_model, get_preset
 from fuyou.reference import ReferenceTrainer
+from quant import halo as halo_module
+from quant.hadamard import (
+    block_order,
+    hadamard_layout,
+    hadamard_matrix,
+    rotate,
+    rotate_blocks,
+)
 from quant.halo import FP8_MAX, HaloLinear, apply_halo, halo_matmul, quantize_fp8
-from quant.hadamard import hadamard_layout, hadamard_matrix, rotate
 
 FP8_RTOL = 0.06
 EXACT_RTOL = 1e-12
@@ -80,6 +87,26 @@ def test_llm_sizes_get_a_full_hadamard(n, dense):
     torch.testing.assert_close(rotate(y, inverse=True), x, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n, order", [(2048, 256), (224, 16), (24, 4), (64, 64), (6, 1)])
+def test_block_rotation_is_kron_of_identity_and_sylvester(n, order):
+    """rotate_blocks = I_(n/b) ⊗ H_b with b the largest power of 4 <= 256 dividing n, on either axis; it is
+    its own inverse, and in bf16 it equals the float64 product to bf16 rounding (its entries are exact)."""
+    assert block_order(n, 256) == order
+    h = torch.kron(torch.eye(n // order, dtype=torch.float64), sylvester(order))
+    x = torch.randn(3, 2, n, dtype=torch.float64)
+    torch.testing.assert_close(rotate_blocks(x, -1), x @ h, rtol=0, atol=1e-12)
+    x = torch.randn(n, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(rotate_blocks(x, 0), torch.einsum("ij,iab->jab", h, x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotate_blocks(rotate_blocks(x, 0), 0), x, rtol=0, atol=1e-12)
+    x_bf16 = torch.randn(4, n).to(torch.bfloat16)
+    assert relative_error(rotate_blocks(x_bf16, -1).double(), x_bf16.double() @ h) < 2**-8
+
+
+def test_llm_sizes_get_blocks_of_256():
+    """Every hidden and MLP size of the presets (2048, 4096, 14336 = 56 x 256, 28672, 5120) is a multiple of 256."""
+    assert all(block_order(n, 256) == 256 for n in (2048, 4096, 8192, 14336, 28672, 5120, 6144))
+
+
 @pytest.mark.parametrize("n", [66, 7, 2 * 9])
 def test_sizes_without_a_hadamard_fall_back_to_orthogonal_blocks(n):
     h = hadamard_matrix(n)
@@ -137,17 +164,20 @@ def test_each_fp8_gemm_is_within_e4m3_error_of_float64(level):
         assert 0.005 < error < FP8_RTOL, (name, error)
 
 
-def test_rotation_rescues_small_values_next_to_an_activation_outlier():
+@pytest.mark.parametrize("hadamard_block, rtol", [(None, FP8_RTOL), (256, 0.12)])
+def test_rotation_rescues_small_values_next_to_an_activation_outlier(hadamard_block, rtol):
     """One activation of 1e6 sets the per-tensor scale; the other tokens fall below e4m3's subnormal range
     and their outputs are lost at level 0. Rotating along the input features (level 1) spreads the outlier
-    over its own row only, so the amax drops by sqrt(I) and the other tokens keep their FP8 precision."""
+    over its own row only: over all 1024 features with the full H (amax / 32), or over its block of 256
+    with the default block-diagonal H (amax / 16, so the other tokens sit at the top of e4m3's subnormal
+    range: seen 8.3% error, against 95% at level 0)."""
     x, w, _ = gemm_case(2, tokens=64, in_features=1024)
     x[3, 5] = 1e6
     others = torch.arange(64) != 3
     exact = x @ w.t()
     level0 = relative_error(halo_matmul(x, w, level=0)[others], exact[others])
-    level1 = relative_error(halo_matmul(x, w, level=1)[others], exact[others])
-    assert level0 > 0.5 and level1 < FP8_RTOL, (level0, level1)
+    level1 = relative_error(halo_matmul(x, w, level=1, hadamard_block=hadamard_block)[others], exact[others])
+    assert level0 > 0.5 and level1 < rtol, (level0, level1)
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
@@ -225,7 +255,7 @@ def test_halo_level2_without_quantization_trains_exactly_like_the_reference():
 TRACKING_STEPS = 20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fp32_losses(steps):
     """The fp32 reference run every HALO level is compared with (computed once per session)."""
     model = build_model(get_preset("tiny-llama"), seed=0)
@@ -261,6 +291,30 @@ def test_scaled_mm_matches_the_simulated_gemm_on_cuda(level):
     gpu = halo_gemms(x.float().cuda(), w.float().cuda(), dy.float().cuda(), level=level, out_dtype=torch.bfloat16)
     for actual, expected in zip(gpu, cpu):
         assert relative_error(actual.cpu().float(), expected.float()) < 1e-2
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+@pytest.mark.parametrize("tokens", [128, 100])
+def test_scaled_mm_layouts_on_the_cpu(monkeypatch, level, tokens):
+    """The CUDA code path, run on the CPU's torch._scaled_mm: every FP8 operand reaches it row-major with its
+    reduced axis contiguous (Hopper's only FP8 layout, so the GPU makes no hidden copy), and the three GEMMs
+    equal the simulated ones to the bf16 output rounding. 100 tokens checks padding to multiples of 16."""
+    seen = []
+
+    def scaled_mm_gemm(a_MK, b_NK, out_dtype, *, fast_accum=False):
+        if a_MK.scale is None:
+            return simulated(a_MK, b_NK, out_dtype)
+        seen.append((a_MK.values.is_contiguous(), b_NK.values.is_contiguous()))
+        return halo_module._scaled_mm(a_MK, b_NK, out_dtype, fast_accum)
+
+    x, w, dy = gemm_case(6, tokens=tokens, in_features=256, out_features=96, dtype=torch.bfloat16)
+    expected = halo_gemms(x, w, dy, level=level)
+    simulated = halo_module._gemm
+    monkeypatch.setattr(halo_module, "_gemm", scaled_mm_gemm)
+    actual = halo_gemms(x, w, dy, level=level)
+    assert seen == [(True, True)] * 3
+    for name, got, reference in zip(("forward", "input grad", "weight grad"), actual, expected, strict=True):
+        assert relative_error(got.float(), reference.float()) < 1e-2, name
 
 
 def test_halo_under_lora_trains_only_the_adapters():
