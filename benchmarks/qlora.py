@@ -1,0 +1,238 @@
+"""QLoRA: our path against the standard Hugging Face recipe, same model shape, batch and sequence (issue 7).
+
+    python -m benchmarks.qlora [--preset llama3-8b] [--batch-size 1] [--seq-len 2048] [--steps 6]
+                               [--variants hf ours ours-ckpt] [--num-layers N] [--json PATH]
+
+Both start from random weights (no downloads) and train LoRA rank 16 (alpha 32, dropout 0.05) on every
+block linear over a frozen NF4 base (bitsandbytes, double quantization, bf16 compute) with bitsandbytes'
+paged AdamW 8-bit, on the same synthetic batches, under bf16 autocast, and compute the loss the same way
+(fp32 cross-entropy over the target tokens).
+
+    hf         transformers.LlamaForCausalLM built from the preset's config in bf16 on the GPU, its linears
+               (all but lm_head) replaced by bnb.nn.Linear4bit(nf4, compress_statistics=True, bf16 compute):
+               the modules `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+               bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16))`
+               creates, without writing a 16 GB checkpoint first; then peft.prepare_model_for_kbit_training
+               (non-4-bit weights to fp32, input grads), gradient checkpointing (use_reentrant=False), and
+               peft LoRA on q/k/v/o/gate/up/down_proj.
+    ours       `fuyou train ... quant.mode=qlora quant.optimizer_bits=8` through fuyou.Trainer (reference
+               runtime, our Transformer with fused qkv and gate_up projections), no activation checkpointing.
+    ours-ckpt  the same with train.activation_checkpointing=true.
+
+Each variant runs in its own process, so its peak memory is its own. Reported: tokens/s over the steps
+after the first two, torch's peak allocated and reserved GPU bytes during the steps (bitsandbytes' paged
+optimizer state lives in CUDA managed memory, outside torch's counts; for rank-16 adapters it is ~0.1 GB),
+and the process's GPU use at the end from cudaMemGetInfo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.run import _commit, _device_name
+
+LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.05}
+SKIP_STEPS = 2
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def ours_overrides(args, checkpointing: bool) -> list[str]:
+    overrides = [
+        f"model.preset={args.preset}", "runtime=reference", "device=cuda", "train.precision=bf16",
+        "data.source=synthetic", "train.save_final=false", f"train.steps={args.steps}",
+        f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", "train.lr=2e-4",
+        "quant.mode=qlora", "quant.optimizer_bits=8", f"quant.lora_rank={LORA['rank']}",
+        f"quant.lora_alpha={LORA['alpha']}", f"quant.lora_dropout={LORA['dropout']}",
+        f"train.activation_checkpointing={str(checkpointing).lower()}",
+    ]
+    if args.num_layers is not None:
+        overrides.append(f"model.num_layers={args.num_layers}")
+    return overrides
+
+
+def run_ours(args, checkpointing: bool) -> dict:
+    import tempfile
+
+    from fuyou.config import TrainConfig
+    from fuyou.trainer import Trainer
+
+    overrides = ours_overrides(args, checkpointing)
+    build_start_s = time.perf_counter()
+    with tempfile.TemporaryDirectory() as output:
+        trainer = Trainer(TrainConfig.from_yaml("configs/tiny.yaml", overrides), output_dir=output, progress=False)
+        build_s = time.perf_counter() - build_start_s
+        torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        steps = [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {
+        "command": shlex.join(["fuyou", "train", "--config", "configs/tiny.yaml", *overrides]),
+        "build_s": build_s,
+        "step_s": [s["step_s"] for s in steps],
+        "losses": [s["loss"] for s in steps],
+        "tokens_per_step": steps[0]["step_tokens"],
+        "trainable_parameters": trainable,
+    }
+
+
+def build_hf(args, device: str = "cuda"):
+    """The standard recipe's model (module docstring), on `device`."""
+    import bitsandbytes as bnb  # noqa: F401 - fail early if the wheel is missing
+    import peft
+    import transformers
+
+    from fuyou.models import get_preset
+    from fuyou.models.hf import config_to_hf
+    from quant.qlora import quantize_linears_nf4
+
+    config = get_preset(args.preset)
+    if args.num_layers is not None:
+        config = config.replace(num_layers=args.num_layers)
+    hf_dict = config_to_hf(config)
+    hf_dict.pop("model_type"), hf_dict.pop("architectures")
+    hf_config = transformers.LlamaConfig(**hf_dict)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(hf_config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    quantize_linears_nf4(model, compute_dtype=torch.bfloat16)  # the Linear4bit modules from_pretrained makes
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not model.is_gradient_checkpointing:  # prepare_... enables it only for models flagged as loaded in 4 bit
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                           target_modules=HF_TARGETS, bias="none", task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, lora)
+
+
+def run_hf(args) -> dict:
+    import bitsandbytes as bnb
+
+    from fuyou.data import build_dataset
+    from fuyou.reference import causal_lm_loss_sum
+    from fuyou.tokenizer import load_tokenizer
+
+    build_start_s = time.perf_counter()
+    model = build_hf(args)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW8bit(trainable, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    dataset = build_dataset(source="synthetic", tokenizer=load_tokenizer("byte"), seq_len=args.seq_len, seed=0,
+                            format="auto", pack=True)
+    batches = dataset.batches(args.batch_size)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - build_start_s
+    torch.cuda.reset_peak_memory_stats()
+    step_s, losses = [], []
+    for _ in range(args.steps):
+        start_s = time.perf_counter()
+        batch = next(batches)
+        input_ids, labels = batch.input_ids.cuda(), batch.labels.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # what HF Trainer(bf16=True) does
+            logits = model(input_ids=input_ids).logits
+        loss = causal_lm_loss_sum(logits, labels) / max(1, batch.num_target_tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # synchronises
+        step_s.append(time.perf_counter() - start_s)
+    return {
+        "command": "python -m benchmarks.qlora --variants hf (the recipe in the module docstring)",
+        "build_s": build_s,
+        "step_s": step_s,
+        "losses": losses,
+        "tokens_per_step": args.batch_size * args.seq_len,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+    }
+
+
+def run_variant(args) -> dict:
+    variant = args.variant
+    result = run_hf(args) if variant == "hf" else run_ours(args, checkpointing=variant == "ours-ckpt")
+    timed = result["step_s"][SKIP_STEPS:] or result["step_s"]
+    free_bytes, total_bytes = torch.cuda.mem_get_info()
+    result.update(
+        variant=variant,
+        tokens_per_s=result["tokens_per_step"] * len(timed) / sum(timed),
+        median_step_s=statistics.median(timed),
+        peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+        peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+        device_used_bytes_at_end=total_bytes - free_bytes,
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="llama3-8b")
+    parser.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count (smoke runs)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--variants", nargs="+", default=["hf", "ours", "ours-ckpt"], choices=["hf", "ours", "ours-ckpt"])
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant in this process (the worker)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.qlora needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.variant is not None:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return 0
+
+    result = {
+        "benchmark": "qlora", "date": datetime.date.today().isoformat(), "device": _device_name(), "commit": _commit(),
+        "command": shlex.join(["python", "-m", "benchmarks.qlora", *(argv if argv is not None else sys.argv[1:])]),
+        "preset": args.preset, "num_layers": args.num_layers, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "lora": LORA, "runs": [],
+    }
+    worker = [sys.executable, "-m", "benchmarks.qlora", "--preset", args.preset, "--batch-size", str(args.batch_size),
+              "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    if args.num_layers is not None:
+        worker += ["--num-layers", str(args.num_layers)]
+    for variant in args.variants:
+        completed = subprocess.run([*worker, "--variant", variant], check=False, capture_output=True, text=True)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if completed.returncode != 0 or not lines:
+            print(f"{variant} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}", flush=True)
+            result["runs"].append({"variant": variant, "error": completed.stderr[-3000:]})
+        else:
+            result["runs"].append(json.loads(lines[-1].removeprefix("RESULT ")))
+            run = result["runs"][-1]
+            print(f"{variant}: {run['tokens_per_s']:,.0f} tok/s, peak allocated {run['peak_allocated_bytes'] / 2**30:.2f} GiB, "
+                  f"build {run['build_s']:.0f} s, losses {[round(x, 3) for x in run['losses']]}", flush=True)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    ok = [run for run in result["runs"] if "error" not in run]
+    base = next((run for run in ok if run["variant"] == "hf"), None)
+    print(f"\nQLoRA, {args.preset}{'' if args.num_layers is None else f' ({args.num_layers} layers)'}, "
+          f"batch {args.batch_size} × {args.seq_len}, LoRA r{LORA['rank']}, paged AdamW 8-bit")
+    print("| variant | tokens/s | × hf | peak allocated GiB | × hf | peak reserved GiB | GPU used at end GiB | trainable params |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in ok:
+        speed = f"{run['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        memory = f"{run['peak_allocated_bytes'] / base['peak_allocated_bytes']:.2f}" if base else "-"
+        print(f"| {run['variant']} | {run['tokens_per_s']:,.0f} | {speed} | {run['peak_allocated_bytes'] / 2**30:.2f} | {memory} | "
+              f"{run['peak_reserved_bytes'] / 2**30:.2f} | {run['device_used_bytes_at_end'] / 2**30:.2f} | "
+              f"{run['trainable_parameters'] / 1e6:.1f}M |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
