@@ -16,9 +16,12 @@ import resource
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fuyou.measure import Measurement
 
 
 def peak_cpu_bytes() -> int:
@@ -59,7 +62,9 @@ class TrainSummary:
     """What a finished (or interrupted) run did.
 
     Throughput averages exclude the first step, which pays one-time start-up (allocator warm-up,
-    kernel selection), unless the run had only one step.
+    kernel selection), unless the run had only one step. `measurement` (fuyou.measure) covers the
+    same steps and adds hardware TFLOPS, memory peaks, bytes moved and energy; `format()` prints it
+    as `fuyou profile` does.
     """
 
     steps: int
@@ -73,9 +78,11 @@ class TrainSummary:
     peak_cpu_bytes: int
     wall_s: float
     output_dir: str | None
+    measurement: Measurement | None = None
 
     @classmethod
-    def from_steps(cls, steps: list[StepMetrics], wall_s: float, output_dir: str | None) -> TrainSummary:
+    def from_steps(cls, steps: list[StepMetrics], wall_s: float, output_dir: str | None,
+                   measurement: Measurement | None = None) -> TrainSummary:
         assert steps, "a summary needs at least one step"
         timed = steps[1:] if len(steps) > 1 else steps
         seconds = sum(s.step_s for s in timed)
@@ -93,9 +100,17 @@ class TrainSummary:
             peak_cpu_bytes=max(s.peak_cpu_bytes for s in steps),
             wall_s=wall_s,
             output_dir=output_dir,
+            measurement=measurement,
         )
 
     def format(self) -> str:
+        if self.measurement is not None:
+            from fuyou.measure import format_table
+
+            before = [("steps", str(self.steps)), ("loss", f"{self.first_loss:.4f} -> {self.final_loss:.4f}"),
+                      ("tokens", f"{self.tokens:,}")]
+            after = [("wall time", f"{self.wall_s:.1f} s")] + ([("outputs", self.output_dir)] if self.output_dir else [])
+            return format_table(self.measurement, before=before, after=after)
         lines = [
             f"steps            {self.steps}",
             f"loss             {self.first_loss:.4f} -> {self.final_loss:.4f}",

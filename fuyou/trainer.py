@@ -30,6 +30,7 @@ import yaml
 from fuyou.config import TrainConfig
 from fuyou.data import build_dataset, check_vocab
 from fuyou.errors import ConfigError, FuyouError
+from fuyou.measure import Meter, flops_per_token
 from fuyou.metrics import MetricsLog, StepMetrics, TrainSummary, model_tflops, peak_cpu_bytes, peak_gpu_bytes, progress_postfix
 from fuyou.models import build_model, from_pretrained, resolve_config, save_pretrained
 from fuyou.reference import ReferenceTrainer
@@ -63,6 +64,11 @@ class Trainer:
         self.overwrite = overwrite
         self.device = _resolve_device(config.device)
         self.plan_report = None
+        self.hardware = None  # a HardwareProfile of this machine: the utilisation's peak
+        if config.hardware is not None:
+            from fuyou.plan import HardwareProfile
+
+            self.hardware = HardwareProfile.from_yaml(config.hardware)
         if config.plan == "auto":
             config, self.plan_report = _apply_plan(config, self.device)
             self.config = config
@@ -134,9 +140,16 @@ class Trainer:
                 prefetch_depth=offload.prefetch_depth,
                 micro_batch_tokens=train.batch_size * train.seq_len,
             )
+        self._batches = self.dataset.batches(train.batch_size)
+        self.steps_done = 0
+        self.tokens_done = 0
 
     def train(self) -> TrainSummary:
-        """Runs `train.steps` optimizer steps; returns the summary (also on Ctrl-C, for the steps done)."""
+        """Runs `train.steps` optimizer steps; returns the summary (also on Ctrl-C, for the steps done).
+
+        The summary's measurement (fuyou.measure) covers the steps after the first, which pays
+        one-time start-up (allocator warm-up, kernel selection), unless the run has only one step.
+        """
         from tqdm import tqdm
 
         train = self.config.train
@@ -151,44 +164,25 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-        batches = self.dataset.batches(train.batch_size)
         history: list[StepMetrics] = []
-        total_tokens = 0
+        meter = self.meter().start(reset_peaks=False) if train.steps == 1 else None
+        measurement = None
         start_s = time.perf_counter()
         bar = tqdm(total=train.steps, unit="step", dynamic_ncols=True, disable=not self.progress, desc="train")
         try:
             for step in range(1, train.steps + 1):
-                step_start_s = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(train.grad_accum)]
-                try:
-                    result = self.runtime.step(micro_batches)
-                except torch.cuda.OutOfMemoryError:
-                    # runtime=fuyou always checkpoints per block; what it can still move off the GPU are the checkpoints.
-                    also = "set train.activation_checkpointing=true" if self.config.runtime == "reference" else "set offload.activations=cpu"
-                    raise FuyouError(
-                        f"GPU out of memory in step {step} (batch {train.batch_size} x {train.seq_len} tokens); "
-                        f"lower train.batch_size (and raise train.grad_accum) or {also}"
-                    ) from None
-                step_s = time.perf_counter() - step_start_s  # .item() in step() synchronised the device
-                total_tokens += result.num_tokens
-                metrics = StepMetrics(
-                    step=step,
-                    loss=result.loss,
-                    lr=result.lr,
-                    grad_norm=result.grad_norm,
-                    tokens=total_tokens,
-                    step_tokens=result.num_tokens,
-                    step_s=step_s,
-                    tokens_per_s=result.num_tokens / step_s,
-                    model_tflops=model_tflops(self.num_parameters, result.num_tokens, step_s),
-                    peak_gpu_bytes=peak_gpu_bytes(self.device),
-                    peak_cpu_bytes=peak_cpu_bytes(),
-                )
+                metrics = self.step()
+                if meter is not None:
+                    meter.add_step(metrics.step_tokens)
                 history.append(metrics)
                 log.write(metrics)
                 if step % train.log_every == 0 or step == train.steps:
                     bar.set_postfix_str(progress_postfix(metrics), refresh=False)
                 bar.update(1)
+                if meter is None and step == 1:
+                    meter = self.meter().start(reset_peaks=False)  # peaks stay "since the run began"
+            self.drain()
+            measurement = meter.stop()
             if self.output_dir is not None and train.save_final:
                 self._save_final()
         except KeyboardInterrupt:
@@ -199,9 +193,74 @@ class Trainer:
         finally:
             bar.close()
             log.close()
-            if isinstance(self.runtime, FuyouRuntime):
-                self.runtime.close()  # swap files go with it
-        return TrainSummary.from_steps(history, time.perf_counter() - start_s, _str(self.output_dir))
+            if meter is not None:
+                meter.close()
+            self.close()  # swap files go with it
+        return TrainSummary.from_steps(history, time.perf_counter() - start_s, _str(self.output_dir), measurement)
+
+    def step(self) -> StepMetrics:
+        """One optimizer step over the next `train.grad_accum` micro-batches; its metrics.
+
+        Raises:
+            FuyouError: the GPU ran out of memory (with what to change).
+        """
+        train = self.config.train
+        step = self.steps_done + 1
+        step_start_s = time.perf_counter()
+        micro_batches = [next(self._batches) for _ in range(train.grad_accum)]
+        try:
+            result = self.runtime.step(micro_batches)
+        except torch.cuda.OutOfMemoryError:
+            # runtime=fuyou always checkpoints per block; what it can still move off the GPU are the checkpoints.
+            also = "set train.activation_checkpointing=true" if self.config.runtime == "reference" else "set offload.activations=cpu"
+            raise FuyouError(
+                f"GPU out of memory in step {step} (batch {train.batch_size} x {train.seq_len} tokens); "
+                f"lower train.batch_size (and raise train.grad_accum) or {also}"
+            ) from None
+        step_s = time.perf_counter() - step_start_s  # .item() in step() synchronised the device
+        self.steps_done = step
+        self.tokens_done += result.num_tokens
+        return StepMetrics(
+            step=step,
+            loss=result.loss,
+            lr=result.lr,
+            grad_norm=result.grad_norm,
+            tokens=self.tokens_done,
+            step_tokens=result.num_tokens,
+            step_s=step_s,
+            tokens_per_s=result.num_tokens / step_s,
+            model_tflops=model_tflops(self.num_parameters, result.num_tokens, step_s),
+            peak_gpu_bytes=peak_gpu_bytes(self.device),
+            peak_cpu_bytes=peak_cpu_bytes(),
+        )
+
+    def meter(self) -> Meter:
+        """A `Meter` (not started) for this run's device, model, runtime and hardware profile."""
+        model, train = self.model_config, self.config.train
+        placement = self.runtime.placement if isinstance(self.runtime, FuyouRuntime) else None
+        per_token = flops_per_token(
+            self.num_parameters, model.num_block_parameters(), model.num_layers, runtime=self.config.runtime,
+            activations=placement.activations if placement else None, activation_checkpointing=train.activation_checkpointing,
+        )
+        hardware = self.hardware
+        peak = hardware.gpu_tflops if hardware is not None and hardware.compute_device == self.device.type else None
+        fuyou = isinstance(self.runtime, FuyouRuntime)
+        return Meter(self.device, num_parameters=self.num_parameters, flops_per_token=per_token, peak_tflops=peak,
+                     store=self.runtime.store if fuyou else None, optimizer=self.runtime.optimizer if fuyou else None)
+
+    def drain(self) -> None:
+        """Wait for the work the last step queued: CPU updates, their copies, the device's queue."""
+        if isinstance(self.runtime, FuyouRuntime):
+            for key in self.runtime.optimizer.groups:
+                self.runtime.optimizer.ready(key).result()
+            self.runtime.store.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Release the runtime (its optimizer thread, pinned memory and swap files); idempotent."""
+        if isinstance(self.runtime, FuyouRuntime):
+            self.runtime.close()
 
     def _apply_quant(self, config: TrainConfig):
         """Applies quant.mode to self.model in place; returns the optimizer QLoRA needs, else None."""
