@@ -32,6 +32,27 @@ outputs (under --output, default runs/<config name>-<date>-<time>):
 """
 
 
+PROFILE_EPILOG = """\
+Runs --warmup steps, then --steps measured steps of the config's training job (as fuyou train would run
+it), and reports: tokens/s, seconds per 10k tokens, model TFLOPS (6 N tokens / s), hardware TFLOPS
+(with recomputed block forwards), utilisation against the hardware profile's gpu_tflops (--hardware or
+hardware=), peak GPU memory (torch allocated and reserved, NVML), peak CPU RSS, pinned bytes, bytes
+moved over PCIe and to/from SSD, and GPU energy (NVML or nvidia-smi; n/a without an NVIDIA GPU).
+
+sweeps:
+  --sweep key=v1,v2,... profiles every value (several --sweep: every combination), e.g.
+    fuyou profile --config configs/tiny.yaml --sweep train.batch_size=4,8,16 --sweep runtime=reference,fuyou
+
+outputs (under --output, default runs/profile-<config name>-<date>-<time>):
+  profile.json   config, device, the measurement, each measured step, the timeline's lanes
+  profile.csv    the measurement as one row (the same numbers)
+  timeline.png   the last measured step: compute, H2D, D2H, SSD read, SSD write, CPU optimizer lanes
+  trace.json     the same step as a Chrome trace: open it in https://ui.perfetto.dev
+  with --sweep: point-NN/ (the files above per point), sweep.csv, sweep.json,
+                sweep_tokens_per_s.png, sweep_vram.png
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fuyou import __version__
 
@@ -68,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--search-batch", action="store_true", help="also choose the step's batch (powers of two up to the config's)")
     plan.add_argument("--swap-internals", action="store_true",
                       help="Fuyou's finer activation swapping (block internals); the runtime does not do it yet")
+
+    profile = commands.add_parser(
+        "profile",
+        help="measure a config's steps: throughput, TFLOPS, memory, I/O, energy, a timeline",
+        description="Profile a config's training steps (fuyou.profile); with --sweep, a table over config values.",
+        epilog=PROFILE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    profile.add_argument("--config", type=Path, help="YAML run config (default: built-in defaults)")
+    profile.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. runtime=fuyou")
+    profile.add_argument("--warmup", type=int, default=2, help="steps run before measuring (default 2)")
+    profile.add_argument("--steps", type=int, default=5, help="measured steps (default 5)")
+    profile.add_argument("--sweep", action="append", default=[], metavar="key=v1,v2,...",
+                         help="profile each value of a config key (repeatable: every combination)")
+    profile.add_argument("--hardware", type=Path, help="hardware profile YAML for utilisation (same as hardware=PATH)")
+    profile.add_argument("--output", type=Path, help="output directory (default: runs/profile-<config name>-<date>-<time>)")
+    profile.add_argument("--overwrite", action="store_true", help="replace the profile files in a non-empty --output")
+    profile.add_argument("--quiet", action="store_true", help="no per-step lines on stderr")
 
     probe = commands.add_parser(
         "probe",
@@ -114,6 +153,21 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0 if report.feasible else 2
 
 
+def run_profile(args: argparse.Namespace) -> int:
+    from fuyou.config import TrainConfig
+    from fuyou.profile import run_profile as profile
+
+    overrides = list(args.overrides) + ([f"hardware={args.hardware}"] if args.hardware is not None else [])
+    config = TrainConfig.from_yaml(args.config, overrides)
+    output = args.output
+    if output is None:
+        name = args.config.stem if args.config is not None else "default"
+        output = Path("runs") / f"profile-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(profile(config, warmup=args.warmup, steps=args.steps, sweeps=args.sweep, output=output,
+                  overwrite=args.overwrite, quiet=args.quiet))
+    return 0
+
+
 def run_probe(args: argparse.Namespace) -> int:
     from fuyou.plan.probe import probe, write_profile
 
@@ -144,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_plan(args)
         if args.command == "probe":
             return run_probe(args)
+        if args.command == "profile":
+            return run_profile(args)
         raise AssertionError(f"unhandled command {args.command}")
     except FuyouError as error:
         print(f"fuyou: error: {error}", file=sys.stderr)

@@ -1,0 +1,193 @@
+"""One training step as lanes of spans: recorded from the runtime, drawn as a PNG, written as a Chrome trace.
+
+Lanes (`LANES`) and where their spans come from; every time is `time.perf_counter()` seconds:
+    compute        `ComputeTracer` spans the schedule opens around each block's forward, recompute and
+                   backward (`FuyouSchedule.tracer`); on a GPU they are CUDA events on the compute
+                   stream, converted to host time through one anchor event, because host timestamps of
+                   asynchronous kernels say when they were queued, not when they ran. The head, loss
+                   and embedding are not spanned: they are the gaps around the blocks. With
+                   runtime=reference one span per step ("step").
+    H2D, D2H, SSD read, SSD write, host copy, device copy
+                   the tiered store's `TraceEvent`s (one per leg of a move). A leg spans from its
+                   issue to the host seeing it complete (a CUDA copy: its event waiter waking), so a
+                   copy queued behind others starts early on the chart and ends slightly late.
+    CPU optimizer  `OffloadedAdamW.events`: its worker's accumulate, update, fix_up, publish and
+                   state_wait (waiting for state from the SSD) tasks.
+
+The Chrome trace (`chrome_trace`) is the JSON Trace Event Format that Perfetto (ui.perfetto.dev) and
+chrome://tracing open: complete events ("ph": "X") with microsecond "ts" and "dur", one thread per lane.
+matplotlib is imported only to draw.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LANES = ("compute", "H2D", "D2H", "SSD read", "SSD write", "CPU optimizer", "host copy", "device copy")
+STORE_LANES = {"h2d": "H2D", "d2h": "D2H", "ssd_read": "SSD read", "ssd_write": "SSD write", "h2h": "host copy", "d2d": "device copy"}
+COLORS = {"forward": "tab:blue", "recompute": "tab:cyan", "backward": "tab:purple", "step": "tab:blue",
+          "h2d": "tab:green", "d2h": "tab:olive", "ssd_read": "tab:orange", "ssd_write": "tab:red",
+          "h2h": "tab:gray", "d2d": "tab:gray", "accumulate": "tab:brown", "update": "tab:pink",
+          "fix_up": "tab:red", "publish": "tab:olive", "state_wait": "lightgray"}
+
+
+@dataclass(frozen=True)
+class Span:
+    """One bar of the timeline: `name` on `lane` from `start_s` to `end_s` (perf_counter seconds)."""
+
+    lane: str
+    name: str
+    start_s: float
+    end_s: float
+    num_bytes: int = 0
+
+
+class ComputeTracer:
+    """Spans of compute, opened by the schedule around block forwards, recomputes and backwards.
+
+    Args:
+        device: the compute device: CUDA events on a GPU, host timestamps on the CPU.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.on_gpu = device.type == "cuda"
+        self._open: list[tuple[str, object, object]] = []  # (name, start, end): events or seconds
+        self._anchor = None
+
+    def anchor(self) -> None:
+        """Pin CUDA event times to the host clock: call with the device idle, before the spans to convert."""
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+            self._anchor = torch.cuda.Event(enable_timing=True)
+            self._anchor.record()
+            self._anchor_s = time.perf_counter()  # the idle stream reaches the event at once
+
+    @contextmanager
+    def span(self, kind: str, j: int):
+        name = f"{kind} {j}"
+        if not self.on_gpu:
+            start_s = time.perf_counter()
+            yield
+            self._open.append((name, start_s, time.perf_counter()))
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._open.append((name, start, end))
+
+    def spans(self) -> list[Span]:
+        """Every span so far on the host clock (waits for the device)."""
+        if not self.on_gpu:
+            return [Span("compute", name, start, end) for name, start, end in self._open]
+        assert self._anchor is not None, "anchor() the tracer before its spans are converted"
+        torch.cuda.synchronize(self.device)
+        host_s = lambda event: self._anchor_s + self._anchor.elapsed_time(event) / 1e3
+        return [Span("compute", name, host_s(start), host_s(end)) for name, start, end in self._open]
+
+
+def store_spans(trace, origin_s: float) -> list[Span]:
+    """The store's `TraceEvent`s (seconds since `origin_s`) as spans on the transfer lanes."""
+    return [Span(STORE_LANES[e.kind], e.kind, origin_s + e.start_s, origin_s + e.end_s, e.num_bytes) for e in trace]
+
+
+def optimizer_spans(events) -> list[Span]:
+    """`OffloadedAdamW.events` (kind, start_s, end_s) as spans on the CPU optimizer lane."""
+    return [Span("CPU optimizer", kind, start_s, end_s) for kind, start_s, end_s in events]
+
+
+@dataclass
+class Timeline:
+    """The spans that overlap one window (one step), clipped to it.
+
+    Attributes:
+        title: e.g. "step 5 of runtime=fuyou, gpt3-2.7b".
+        start_s, end_s: the window, perf_counter seconds.
+        spans: spans clipped to the window.
+        lanes: the lanes this run can have (whether or not they had traffic in this window).
+    """
+
+    title: str
+    start_s: float
+    end_s: float
+    spans: list[Span]
+    lanes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, spans: list[Span], start_s: float, end_s: float, lanes: tuple[str, ...], title: str) -> Timeline:
+        clipped = [Span(s.lane, s.name, max(s.start_s, start_s), min(s.end_s, end_s), s.num_bytes)
+                   for s in spans if s.end_s > start_s and s.start_s < end_s]
+        return cls(title, start_s, end_s, sorted(clipped, key=lambda s: s.start_s), lanes)
+
+    def lane_summary(self) -> dict[str, dict]:
+        """Per lane: spans, busy seconds (their union) and busy fraction of the window, bytes."""
+        window_s = self.end_s - self.start_s
+        out = {}
+        for lane in self.lanes:
+            spans = [s for s in self.spans if s.lane == lane]
+            busy_s, covered_to = 0.0, self.start_s
+            for s in spans:  # sorted by start: the union of the intervals
+                if s.end_s > covered_to:
+                    busy_s += s.end_s - max(s.start_s, covered_to)
+                    covered_to = s.end_s
+            out[lane] = {"spans": len(spans), "busy_s": busy_s, "busy_fraction": busy_s / window_s if window_s > 0 else 0.0,
+                         "bytes": sum(s.num_bytes for s in spans)}
+        return out
+
+
+def chrome_trace(timeline: Timeline) -> dict:
+    """The timeline in the Trace Event Format: one process, one thread per lane, times in µs from the window start."""
+    tids = {lane: index + 1 for index, lane in enumerate(timeline.lanes)}
+    events: list[dict] = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": timeline.title}}]
+    for lane, tid in tids.items():
+        events.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": lane}})
+        events.append({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": tid}})
+    for s in timeline.spans:
+        event = {"name": s.name, "cat": s.lane, "ph": "X", "pid": 1, "tid": tids[s.lane],
+                 "ts": (s.start_s - timeline.start_s) * 1e6, "dur": (s.end_s - s.start_s) * 1e6}
+        if s.num_bytes:
+            event["args"] = {"bytes": s.num_bytes}
+        events.append(event)
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"title": timeline.title}}
+
+
+def write_chrome_trace(timeline: Timeline, path: Path) -> None:
+    Path(path).write_text(json.dumps(chrome_trace(timeline)))
+
+
+def write_png(timeline: Timeline, path: Path) -> None:
+    """One row per lane, bars coloured by kind (forward, backward, h2d, update, ...), time in ms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lanes = list(timeline.lanes)
+    summary = timeline.lane_summary()
+    figure, axes = plt.subplots(figsize=(14, 0.6 * len(lanes) + 1.6))
+    for row, lane in enumerate(lanes):
+        spans = [s for s in timeline.spans if s.lane == lane]
+        for kind in sorted({s.name.split(" ")[0] for s in spans}):
+            bars = [((s.start_s - timeline.start_s) * 1e3, max((s.end_s - s.start_s) * 1e3, 1e-3))
+                    for s in spans if s.name.split(" ")[0] == kind]
+            axes.broken_barh(bars, (row - 0.38, 0.76), color=COLORS.get(kind, "tab:gray"), alpha=0.75, label=kind)
+    axes.set_yticks(range(len(lanes)))
+    axes.set_yticklabels([f"{lane} ({summary[lane]['busy_fraction']:.0%})" for lane in lanes])
+    axes.invert_yaxis()
+    axes.set_xlim(0, (timeline.end_s - timeline.start_s) * 1e3)
+    axes.set_xlabel("ms since the step began (busy share of the step in brackets)")
+    axes.set_title(timeline.title)
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    if unique:
+        axes.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
