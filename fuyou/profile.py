@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import itertools
 import json
 import platform
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ from fuyou.timeline import (
     ComputeTracer,
     Span,
     Timeline,
+    device_copy_spans,
     optimizer_spans,
     store_spans,
     write_chrome_trace,
@@ -99,8 +102,11 @@ def profile_config(config: TrainConfig, *, warmup: int, steps: int, log: Callabl
             log(f"warm-up step {index + 1}/{warmup}: {trainer.step().step_s:.2f} s")
         trainer.drain()
         tracer = ComputeTracer(trainer.device)
+        on_gpu = trainer.device.type == "cuda"
         if fuyou:  # traces on for the measured steps only
             runtime.store.trace, runtime.optimizer.events, runtime.schedule.tracer = [], [], tracer
+            if on_gpu:
+                runtime.store.copies.device_timings = []
         tracer.anchor()
         meter = trainer.meter().start(reset_peaks=True)
         history, windows = [], []
@@ -115,9 +121,14 @@ def profile_config(config: TrainConfig, *, warmup: int, steps: int, log: Callabl
         drained_s = time.perf_counter()
         measurement = meter.stop()
         if fuyou:
-            spans = tracer.spans() + store_spans(runtime.store.trace, runtime.store.trace_origin_s)
+            # On a GPU the copy streams' own times replace the store's issue-to-completion times of memory copies.
+            device_kinds = ("h2d", "d2h", "d2d") if on_gpu else ()
+            spans = tracer.spans() + store_spans(runtime.store.trace, runtime.store.trace_origin_s, skip=device_kinds)
+            if on_gpu:
+                spans += device_copy_spans(runtime.store.copies.device_timings, tracer)
             spans += optimizer_spans(runtime.optimizer.events)
             runtime.store.trace, runtime.optimizer.events, runtime.schedule.tracer = None, None, None
+            runtime.store.copies.device_timings = None
             lanes = _fuyou_lanes(trainer, spans)
             note = None
         else:
@@ -127,6 +138,10 @@ def profile_config(config: TrainConfig, *, warmup: int, steps: int, log: Callabl
         if meter is not None:
             meter.close()
         trainer.close()
+        if trainer.device.type == "cuda":  # the next sweep point's reserved peak must not count this one's cache
+            del runtime, trainer.runtime, trainer.model
+            gc.collect()
+            torch.cuda.empty_cache()
     title = f"step {warmup + steps}: {_describe(config)} on {_device_name(trainer.device)}"
     timeline = Timeline.of(spans, windows[-1][0], drained_s, lanes, title)
     return ProfileResult(config, _device_name(trainer.device), warmup, measurement, history, timeline, note)
@@ -176,8 +191,12 @@ def write_profile(result: ProfileResult, directory: Path) -> None:
         writer = csv.DictWriter(file, fieldnames=list(row))
         writer.writeheader()
         writer.writerow(row)
-    write_png(result.timeline, directory / "timeline.png")
     write_chrome_trace(result.timeline, directory / "trace.json")
+    try:
+        write_png(result.timeline, directory / "timeline.png")
+    except ImportError:  # a GPU machine without matplotlib: the measurement must not be lost for a picture
+        warnings.warn(f"matplotlib is not installed: no {directory / 'timeline.png'}; draw it elsewhere with "
+                      f"python -m fuyou.timeline {directory / 'trace.json'} timeline.png")
 
 
 def check_output_dir(directory: Path, overwrite: bool) -> None:
@@ -246,7 +265,10 @@ def run_sweep(config: TrainConfig, points: list[list[str]], output: Path, *, war
         writer.writeheader()
         writer.writerows([{key: "" if row.get(key) is None else row.get(key) for key in keys} for row in rows])
     swept = [override.split("=")[0] for override in points[0]]
-    _plot_sweep(rows, swept, output)
+    try:
+        _plot_sweep(rows, swept, output)
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no sweep plots (sweep.csv and sweep.json have the numbers)")
     return rows
 
 

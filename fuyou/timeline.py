@@ -7,10 +7,12 @@ Lanes (`LANES`) and where their spans come from; every time is `time.perf_counte
                    asynchronous kernels say when they were queued, not when they ran. The head, loss
                    and embedding are not spanned: they are the gaps around the blocks. With
                    runtime=reference one span per step ("step").
-    H2D, D2H, SSD read, SSD write, host copy, device copy
-                   the tiered store's `TraceEvent`s (one per leg of a move). A leg spans from its
-                   issue to the host seeing it complete (a CUDA copy: its event waiter waking), so a
-                   copy queued behind others starts early on the chart and ends slightly late.
+    H2D, D2H, device copy
+                   on a GPU, the copy streams' CUDA events around each copy (`CopyEngine.device_timings`),
+                   converted like compute: when the copy ran, not when it was queued behind compute.
+    SSD read, SSD write, host copy
+                   the tiered store's `TraceEvent`s (one per leg of a move), from its issue to the host
+                   seeing it complete: an SSD leg queued behind others starts early on the chart.
     CPU optimizer  `OffloadedAdamW.events`: its worker's accumulate, update, fix_up, publish and
                    state_wait (waiting for state from the SSD) tasks.
 
@@ -83,19 +85,30 @@ class ComputeTracer:
         end.record()
         self._open.append((name, start, end))
 
+    def host_s(self, event: torch.cuda.Event) -> float:
+        """A completed timing event of this device on the host clock (perf_counter seconds)."""
+        assert self._anchor is not None, "anchor() the tracer before CUDA events are converted"
+        return self._anchor_s + self._anchor.elapsed_time(event) / 1e3  # ms
+
     def spans(self) -> list[Span]:
         """Every span so far on the host clock (waits for the device)."""
         if not self.on_gpu:
             return [Span("compute", name, start, end) for name, start, end in self._open]
-        assert self._anchor is not None, "anchor() the tracer before its spans are converted"
         torch.cuda.synchronize(self.device)
-        host_s = lambda event: self._anchor_s + self._anchor.elapsed_time(event) / 1e3
-        return [Span("compute", name, host_s(start), host_s(end)) for name, start, end in self._open]
+        return [Span("compute", name, self.host_s(start), self.host_s(end)) for name, start, end in self._open]
 
 
-def store_spans(trace, origin_s: float) -> list[Span]:
-    """The store's `TraceEvent`s (seconds since `origin_s`) as spans on the transfer lanes."""
-    return [Span(STORE_LANES[e.kind], e.kind, origin_s + e.start_s, origin_s + e.end_s, e.num_bytes) for e in trace]
+def store_spans(trace, origin_s: float, skip: tuple[str, ...] = ()) -> list[Span]:
+    """The store's `TraceEvent`s (seconds since `origin_s`) as spans on the transfer lanes, but kinds in `skip`."""
+    return [Span(STORE_LANES[e.kind], e.kind, origin_s + e.start_s, origin_s + e.end_s, e.num_bytes)
+            for e in trace if e.kind not in skip]
+
+
+def device_copy_spans(timings, tracer: ComputeTracer) -> list[Span]:
+    """`CopyEngine.device_timings` (kind, start event, end event, bytes) as spans: when the copy streams ran them."""
+    torch.cuda.synchronize(tracer.device)
+    return [Span(STORE_LANES[kind], kind, tracer.host_s(start), tracer.host_s(end), num_bytes)
+            for kind, start, end, num_bytes in timings]
 
 
 def optimizer_spans(events) -> list[Span]:
@@ -155,15 +168,31 @@ def chrome_trace(timeline: Timeline) -> dict:
         if s.num_bytes:
             event["args"] = {"bytes": s.num_bytes}
         events.append(event)
-    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"title": timeline.title}}
+    other = {"title": timeline.title, "window_s": timeline.end_s - timeline.start_s}
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}
 
 
 def write_chrome_trace(timeline: Timeline, path: Path) -> None:
     Path(path).write_text(json.dumps(chrome_trace(timeline)))
 
 
+def from_chrome_trace(trace: dict) -> Timeline:
+    """The timeline a `chrome_trace` dict holds (times from its window start), e.g. to draw it elsewhere."""
+    events = trace["traceEvents"]
+    lanes = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    spans = [Span(lanes[e["tid"]], e["name"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e.get("args", {}).get("bytes", 0))
+             for e in events if e["ph"] == "X"]
+    end_s = trace["otherData"].get("window_s", max((s.end_s for s in spans), default=0.0))
+    return Timeline(trace["otherData"]["title"], 0.0, end_s, spans, tuple(lanes[tid] for tid in sorted(lanes)))
+
+
 def write_png(timeline: Timeline, path: Path) -> None:
-    """One row per lane, bars coloured by kind (forward, backward, h2d, update, ...), time in ms."""
+    """One row per lane, bars coloured by kind (forward, backward, h2d, update, ...), time in ms.
+
+    Raises:
+        ImportError: matplotlib is not installed (`python -m fuyou.timeline trace.json timeline.png`
+            draws the PNG later, on a machine that has it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,3 +220,11 @@ def write_png(timeline: Timeline, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m fuyou.timeline TRACE.json OUT.png   (draws a fuyou profile's trace.json)")
+    write_png(from_chrome_trace(json.loads(Path(sys.argv[1]).read_text())), Path(sys.argv[2]))

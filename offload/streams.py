@@ -65,6 +65,9 @@ class CopyEngine:
     def __init__(self, device: torch.device | None, num_host_threads: int = 2, spin_wait: bool = False) -> None:
         self.device = device
         self.spin_wait = spin_wait
+        # (kind, start event, end event, num_bytes) per CUDA copy once a profiler sets [] (fuyou.timeline):
+        # when the copy stream ran it, where the store's trace has its issue and the host seeing it done.
+        self.device_timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int]] | None = None
         self._host_pool = ThreadPoolExecutor(max_workers=num_host_threads, thread_name_prefix="offload-h2h")
         if device is not None:
             self.h2d_stream = torch.cuda.Stream(device)
@@ -93,6 +96,7 @@ class CopyEngine:
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
             if after is not None:
                 stream.wait_event(after)
+            began = self._timing_event(stream) if self.device_timings is not None else None
             dst.copy_(src, non_blocking=True)
             # Keep the caching allocator from handing these blocks to another stream before the
             # copy has run, should the caller drop its references early.
@@ -100,7 +104,15 @@ class CopyEngine:
                 if tensor.is_cuda:
                     tensor.record_stream(stream)
             done = self._record(stream)
+            if began is not None:
+                self.device_timings.append((kind, began, self._timing_event(stream), src.numel() * src.element_size()))
         return kind, self._waiters[stream].submit(done)
+
+    @staticmethod
+    def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
 
     def _record(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
         event = torch.cuda.Event(blocking=not self.spin_wait)

@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -196,3 +197,19 @@ def test_gpu_energy_readers_without_a_gpu(monkeypatch):
     smi.process = SimpleNamespace(stdout=iter(["250.5, 1024\n", "[N/A], 10\n", "300.0, 2048\n"]))
     smi._read()
     assert smi.samples.watts == [250.5, 300.0] and smi.peak_used_bytes == 2048 << 20
+
+
+def test_a_trace_draws_again_without_the_run(tmp_path):
+    """A GPU machine without matplotlib keeps trace.json; `python -m fuyou.timeline` draws it elsewhere."""
+    from fuyou.timeline import Span, Timeline, chrome_trace, from_chrome_trace
+
+    spans = [Span("compute", "forward 0", 10.0, 10.5), Span("H2D", "h2d", 10.1, 10.2, 4096)]
+    timeline = Timeline.of(spans, 10.0, 11.0, ("compute", "H2D"), "a step")
+    again = from_chrome_trace(json.loads(json.dumps(chrome_trace(timeline))))
+    assert again.lanes == timeline.lanes and again.title == "a step" and again.end_s - again.start_s == pytest.approx(1.0)
+    for lane, figures in timeline.lane_summary().items():
+        assert again.lane_summary()[lane] == pytest.approx(figures)
+    out = tmp_path / "t.png"
+    (tmp_path / "trace.json").write_text(json.dumps(chrome_trace(timeline)))
+    subprocess.run([sys.executable, "-m", "fuyou.timeline", str(tmp_path / "trace.json"), str(out)], check=True)
+    assert out.read_bytes().startswith(PNG_MAGIC)
