@@ -336,11 +336,15 @@ class SmiPower(GpuPower):
             self.peak_used_bytes = max(self.peak_used_bytes, int(used_mib * 2**20))
 
     def stop(self) -> Energy:
+        exit_code = self.process.poll()  # None: still sampling, as it should be
         self.process.terminate()
         self.process.wait()
         self.reader.join()
         joules = self.samples.joules()
-        reason = None if joules is not None else "nvidia-smi gave fewer than two power samples; measure more steps"
+        reason = None
+        if joules is None:
+            reason = (f"nvidia-smi --id={self.device_id} exited with code {exit_code}" if exit_code
+                      else "nvidia-smi gave fewer than two power samples; measure more steps")
         return Energy(joules, "nvidia-smi power samples" if joules is not None else None, reason, self.peak_used_bytes or None)
 
 

@@ -357,7 +357,8 @@ def run_profile(config: TrainConfig, *, warmup: int, steps: int, sweeps: list[st
         result = profile_config(config, warmup=warmup, steps=steps, log=log)
         write_profile(result, output)
         return format_table(result.measurement, before=[("config", _describe(result.config)), ("device", result.device)],
-                            after=[("timeline lanes", ", ".join(result.timeline.lanes)), ("outputs", str(output))])
+                            after=[("timeline lanes", ", ".join(result.timeline.lanes) + (f" ({result.lanes_note})" if result.lanes_note else "")),
+                                   ("outputs", str(output))])
     rows = run_sweep(config, points, output, warmup=warmup, steps=steps, log=log)
     swept = [override.split("=")[0] for override in points[0]]
     return format_sweep(rows, swept) + f"\noutputs: {output}"
