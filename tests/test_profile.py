@@ -213,3 +213,21 @@ def test_a_trace_draws_again_without_the_run(tmp_path):
     (tmp_path / "trace.json").write_text(json.dumps(chrome_trace(timeline)))
     subprocess.run([sys.executable, "-m", "fuyou.timeline", str(tmp_path / "trace.json"), str(out)], check=True)
     assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.gpu
+def test_gpu_profile_times_compute_and_copies_on_the_device(tmp_path):
+    """On the GPU machine: copies and compute from CUDA events, inside the step, and a power reading."""
+    out = profile(tmp_path, "runtime=fuyou", "device=cuda", "train.precision=bf16", "offload.optimizer=ssd",
+                  f"offload.ssd_dir={tmp_path}")
+    report = json.loads((out / "profile.json").read_text())
+    m, lanes = report["measurement"], report["timeline"]["lanes"]
+    for lane in ("compute", "H2D", "D2H", "SSD read", "SSD write", "CPU optimizer"):
+        assert lanes[lane]["spans"] > 0 and lanes[lane]["busy_fraction"] <= 1, lane
+    assert m["h2d_bytes"] > 0 and m["d2h_bytes"] > 0 and m["peak_gpu_allocated_bytes"] > 0
+    assert m["peak_gpu_reserved_bytes"] >= m["peak_gpu_allocated_bytes"]
+    trace = json.loads((out / "trace.json").read_text())
+    window_us = report["timeline"]["window_s"] * 1e6
+    assert all(0 <= e["ts"] and e["ts"] + e["dur"] <= window_us * (1 + 1e-9) for e in trace["traceEvents"] if e["ph"] == "X")
+    print(m["energy_j"], m["energy_source"], m["energy_reason"], m["peak_gpu_nvml_used_bytes"])
+    assert m["energy_j"] is not None or "nvidia-ml-py" in m["energy_reason"] or "nvidia-smi" in m["energy_reason"]
