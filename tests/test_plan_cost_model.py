@@ -4,6 +4,8 @@ import dataclasses
 
 import pytest
 
+from fuyou.errors import ConfigError
+
 from fuyou.models import get_preset
 from fuyou.plan import HardwareProfile, Plan, predict
 from fuyou.plan import cost_model
@@ -72,7 +74,7 @@ def test_step_by_hand_with_one_block():
     P_b = model.num_block_parameters()
     assert p.prologue_s == pytest.approx(2 * P_b / 1e9)  # first block's bf16 weights over 1 GB/s
     outer = model.num_parameters() - P_b
-    epilogue = (2 * P_b / 2e9 + P_b / 1e9) + (4 * outer / 2e9 + 4 * outer / 1e9 + outer / 1e9)
+    epilogue = (4 * P_b / 2e9 + P_b / 1e9) + (4 * outer / 2e9 + 4 * outer / 1e9 + outer / 1e9)  # fp32 gradients out
     assert p.epilogue_s == pytest.approx(epilogue)
     assert p.iteration_s == pytest.approx(p.prologue_s + p.forward_s + p.head_s + p.backward_s + p.epilogue_s)
 
@@ -139,3 +141,45 @@ def test_plan_validation():
     assert plan.batch_size == 6 and plan.step_tokens == 48
     assert "train.grad_accum=3" in plan.config_overrides() and "offload.activations=none" in plan.config_overrides()
     assert dataclasses.is_dataclass(plan)
+
+
+def test_cpu_passes_are_priced_at_the_memory_rate():
+    """Micro-batches after the first add into the accumulator (12 B/param), several take a norm (4 B),
+    every update publishes a cast (4 + 2 B for bf16 weights): all at cpu_memory_gbps, on the worker."""
+    model = get_preset("tiny-gpt3").replace(num_layers=1)
+    P_b = model.num_block_parameters()
+    hw = ROUND.replace(cpu_memory_gbps=1.0)
+    for k, expected_bytes in ((0, 0), (1, 12 * P_b), (2, 12 * P_b + 4 * P_b)):
+        plan = Plan("cpu", "cpu", "cpu", micro_batch_size=2, grad_accum=3, seq_len=8)
+        legs = cost_model.gradient_out_legs(model, plan, cost_model.sizes(model, plan), k, update=False)
+        assert legs.cpu_bytes == expected_bytes and legs.d2h_bytes == 4 * P_b
+    plan = Plan("cpu", "cpu", "cpu", micro_batch_size=2, grad_accum=1, seq_len=8)
+    update = cost_model.block_update_legs(model, plan, cost_model.sizes(model, plan))
+    assert update.cpu_bytes == 6 * P_b
+    assert leg_times(update, hw).optimizer_s == pytest.approx(P_b / 1e9 + 6 * P_b / 1e9)
+    assert leg_times(update, ROUND).optimizer_s == pytest.approx(P_b / 1e9)  # no rate: not priced
+
+
+def test_block_efficiency_slows_compute():
+    model = get_preset("gpt3-1.3b")
+    plan = Plan("cpu", "cpu", "cpu", micro_batch_size=4, grad_accum=1, seq_len=512)
+    full = predict(model, plan, TESTBED)
+    half = predict(model, plan, TESTBED.replace(block_efficiency=0.5))
+    assert half.compute_busy_s == pytest.approx(2 * full.compute_busy_s)
+    with pytest.raises(ConfigError, match="block_efficiency"):
+        TESTBED.replace(block_efficiency=1.5)
+
+
+def test_deferred_updates_move_the_cpu_leg_to_the_forward():
+    """After a clipped step every update waits for the norm: it overlaps the next forward, not this backward."""
+    model = get_preset("gpt3-1.3b")
+    plan = Plan("cpu", "cpu", "cpu", micro_batch_size=1, grad_accum=1, seq_len=512)
+    slow_cpu = TESTBED.replace(cpu_adam_gparams_per_s=0.05)  # the CPU leg dominates every stage
+    overlapped = predict(model, plan, slow_cpu)
+    deferred = predict(model, plan, slow_cpu, deferred_updates=True)
+    update_s = model.num_block_parameters() / 0.05e9
+    assert overlapped.backward_bottleneck == "optimizer" and deferred.forward_bottleneck == "optimizer"
+    assert deferred.forward_s > overlapped.forward_s + 20 * update_s
+    assert deferred.backward_s < overlapped.backward_s - 20 * update_s
+    assert deferred.epilogue_s == pytest.approx(overlapped.epilogue_s)  # block 0's update: serial either way
+    assert deferred.optimizer_busy_s == pytest.approx(overlapped.optimizer_busy_s)

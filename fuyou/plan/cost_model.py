@@ -17,6 +17,18 @@ Each stage's resources run concurrently, so a block's time is the max of its leg
 SSD, CPU); a phase is L such steady-state block times; the prologue (first weights in) and the
 epilogue add on top. Iteration = A x (prologue + forward + head + backward) + epilogue.
 
+Deferred updates (`deferred_updates=True`): when the previous step clipped, the runtime cannot apply
+an update before the step's global gradient norm is known, so every update runs after backward, in
+forward order, and the next forward of block j waits for block j's update (fuyou/schedule.py). Then
+the CPU leg moves from the backward stages to the forward stages (forward block j || update j+1), and
+the epilogue adds the outer group's and block 0's updates, which nothing hides.
+
+The CPU worker (one thread, torch's kernels use the cores) does, per block and step:
+    AdamW                      P_b / cpu_adam_gparams_per_s
+    publish: fp32 -> weights   (4 + b) P_b bytes / cpu_memory_gbps   (b compute bytes per weight)
+    micro-batches 2..A         one add each into the fp32 accumulator: 12 P_b bytes / cpu_memory_gbps
+    norm, when A > 1           4 P_b bytes / cpu_memory_gbps (A = 1: the GPU takes it)
+
 FLOP conventions (three, all reported; a multiply-add is 2 FLOPs):
     hardware FLOPs  what the GPU executes: forward + backward (2 x forward) + recompute + head.
                     Matmuls 2*T*(matmul weights); attention scores and values 4*B*S^2*H*E (the full
@@ -28,17 +40,19 @@ FLOP conventions (three, all reported; a multiply-add is 2 FLOPs):
                     appendix), the formula DeepSpeed/Megatron training scripts print. GPT layout (F = 4D)
                     only; the usual yardstick of offloading papers.
 
+Compute is priced at `hardware.block_tflops` = gpu_tflops x block_efficiency, the rate the probe
+measured for a whole block (norms, activations, residual adds, attention, launches included).
+
 What it does NOT model (each a known source of error):
-    - non-GEMM time: norms, GELU/SiLU, softmax, residual adds, the loss, kernel launches, Python; the
-      GPU is taken to run every FLOP at `gpu_tflops` (a GEMM rate), so small batches are optimistic;
-    - GEMM efficiency falling at small shapes (a T of a few hundred tokens runs far below peak);
-    - causal attention doing half the S^2 work (it is counted in full, see above);
+    - how block efficiency changes with shape: the probe measures one block shape (GPT-3 2.7B, 8 x 2048)
+      and the same fraction is applied to every model and batch; small T and small D run below it;
+    - causal attention doing half the S^2 work (counted in full, and inside the measured efficiency);
     - contention: DRAM bandwidth shared by the CPU optimizer, PCIe DMA and SSD DMA; PCIe shared by the
       GPU and the SSDs behind one root complex; CPU cores shared by I/O threads and the optimizer;
     - jitter: per-block times are equal, so a prefetch depth beyond 1 buys no time here (only memory);
     - SSD reads and writes overlapping each other (they share the drives: priced one after the other);
     - filesystem, RAID and page-cache effects, GPUDirect, pinned-memory registration, first-step warm-up;
-    - the gradient norm / clipping pass and, when the previous step clipped, the deferred updates;
+    - which steps clip: the caller says whether updates are deferred (steps after a clipped one);
     - allocator fragmentation beyond a fixed `GPU_RESERVED_BYTES`.
 """
 
@@ -50,6 +64,7 @@ from dataclasses import dataclass, fields
 from fuyou.models import TransformerConfig
 from fuyou.plan.hardware import HardwareProfile
 from fuyou.plan.policy import Plan
+from fuyou.schedule import HEAD_CHUNK_TOKENS
 
 GiB = 1 << 30
 OPTIMIZER_BYTES_PER_PARAM = 12  # fp32 master + exp_avg + exp_avg_sq
@@ -144,7 +159,7 @@ class Sizes:
     """Byte sizes one step moves or holds."""
 
     block_param_bytes: int  # P_b x compute bytes: one block's streamed weights
-    block_grad_bytes: int  # P_b x compute bytes: one block's gradient on its way to the CPU
+    block_grad_bytes: int  # 4 P_b: one block's fp32 gradient on its way to the CPU
     block_optimizer_bytes: int  # 12 P_b
     checkpoint_bytes: int  # x_j: T x D x compute bytes
     attention_internals_bytes: int
@@ -159,7 +174,7 @@ def sizes(model: TransformerConfig, plan: Plan) -> Sizes:
     N = model.num_parameters()
     return Sizes(
         block_param_bytes=P_b * b,
-        block_grad_bytes=P_b * b,
+        block_grad_bytes=4 * P_b,  # fp32: the runtime casts on the GPU before D2H
         block_optimizer_bytes=OPTIMIZER_BYTES_PER_PARAM * P_b,
         checkpoint_bytes=T * model.hidden_size * b,
         attention_internals_bytes=T * attention_elements * b,
@@ -182,6 +197,7 @@ class Legs:
     ssd_read_bytes: float = 0.0
     ssd_write_bytes: float = 0.0
     optimizer_params: float = 0.0
+    cpu_bytes: float = 0.0  # the CPU worker's other passes (casts, gradient adds, norms): bytes read + written
 
     def __add__(self, other: Legs) -> Legs:
         return Legs(*(getattr(self, name) + getattr(other, name) for name in _LEG_FIELDS))
@@ -221,12 +237,12 @@ class LegTimes:
 def leg_times(legs: Legs, hardware: HardwareProfile) -> LegTimes:
     """Seconds each resource needs for `legs`.
 
-    compute  flops / gpu_tflops
+    compute  flops / (gpu_tflops x block_efficiency)
     PCIe     max(H2D / h2d, D2H / d2h, (H2D + D2H) / duplex): directions are separate lanes, but a
              measured duplex rate below h2d + d2h caps them together
     SSD      read / (count x read rate) + write / (count x write rate): striping scales with the count;
              reads and writes share the drives, so they add
-    CPU      params / AdamW rate
+    CPU      params / AdamW rate + other passes' bytes / CPU memory rate (one worker: they add)
     """
     h2d_s, d2h_s = legs.h2d_bytes / (hardware.h2d_gbps * 1e9), legs.d2h_bytes / (hardware.d2h_gbps * 1e9)
     pcie_s = max(h2d_s, d2h_s)
@@ -237,10 +253,11 @@ def leg_times(legs: Legs, hardware: HardwareProfile) -> LegTimes:
         assert hardware.ssd_count > 0, "an SSD placement on a machine without SSDs (the planner rejects it)"
         ssd_s = legs.ssd_read_bytes / (hardware.ssd_array_read_gbps * 1e9) + legs.ssd_write_bytes / (hardware.ssd_array_write_gbps * 1e9)
     return LegTimes(
-        compute_s=legs.compute_flops / (hardware.gpu_tflops * 1e12),
+        compute_s=legs.compute_flops / (hardware.block_tflops * 1e12),
         pcie_s=pcie_s,
         ssd_s=ssd_s,
-        optimizer_s=legs.optimizer_params / (hardware.cpu_adam_gparams_per_s * 1e9),
+        optimizer_s=legs.optimizer_params / (hardware.cpu_adam_gparams_per_s * 1e9)
+        + (legs.cpu_bytes / (hardware.cpu_memory_gbps * 1e9) if hardware.cpu_memory_gbps else 0.0),
         h2d_s=h2d_s,
         d2h_s=d2h_s,
     )
@@ -292,12 +309,25 @@ def backward_block_legs(model: TransformerConfig, plan: Plan, size: Sizes, j: in
     return legs
 
 
-def gradient_out_legs(model: TransformerConfig, plan: Plan, size: Sizes, update: bool) -> Legs:
-    """A finished block's gradient to the CPU and, with `update`, its AdamW step."""
-    legs = Legs(d2h_bytes=size.block_grad_bytes)
+def gradient_out_legs(model: TransformerConfig, plan: Plan, size: Sizes, k: int, update: bool) -> Legs:
+    """Micro-batch k's gradient of a finished block to the CPU and its accounting there; with `update`
+    (the last micro-batch, updates not deferred) the block's AdamW step too.
+
+    The gradient crosses as fp32 (the runtime casts on the GPU, so the CPU adds fp32 into fp32). The
+    first micro-batch lands in the accumulator (no CPU pass); later ones are added (read 2 x 4, write 4
+    bytes per parameter); the last of several also takes the norm (read 4).
+    """
+    P_b = model.num_block_parameters()
+    last = k == plan.grad_accum - 1
+    cpu_bytes = (12 * P_b if k > 0 else 0) + (4 * P_b if last and plan.grad_accum > 1 else 0)
+    legs = Legs(d2h_bytes=4 * P_b, cpu_bytes=cpu_bytes)
     if update:
-        legs = legs + _update_legs(plan, size.block_optimizer_bytes, size.block_param_bytes, model.num_block_parameters())
+        legs = legs + block_update_legs(model, plan, size)
     return legs
+
+
+def block_update_legs(model: TransformerConfig, plan: Plan, size: Sizes) -> Legs:
+    return _update_legs(plan, size.block_optimizer_bytes, size.block_param_bytes, model.num_block_parameters())
 
 
 def _update_legs(plan: Plan, optimizer_bytes: int, param_bytes: int, num_params: int) -> Legs:
@@ -306,6 +336,7 @@ def _update_legs(plan: Plan, optimizer_bytes: int, param_bytes: int, num_params:
     on_ssd = plan.optimizer == "ssd"
     return Legs(
         optimizer_params=num_params,
+        cpu_bytes=(4 + plan.compute_bytes) * num_params if param_bytes else 0,  # the publish cast
         ssd_read_bytes=optimizer_bytes if on_ssd else 0,
         ssd_write_bytes=(optimizer_bytes if on_ssd else 0) + (param_bytes if plan.params == "ssd" else 0),
         h2d_bytes=param_bytes if plan.params == "gpu" else 0,
@@ -368,8 +399,12 @@ class Prediction:
         return self.step_tokens / self.iteration_s
 
 
-def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile) -> Prediction:
-    """Prices one optimizer step of `plan` (see the module docstring for the schedule and what is left out)."""
+def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, *, deferred_updates: bool = False) -> Prediction:
+    """Prices one optimizer step of `plan` (see the module docstring for the schedule and what is left out).
+
+    `deferred_updates`: price a step that follows a clipped one, whose updates wait for the global norm
+    and overlap the next forward instead of this backward (module docstring).
+    """
     assert plan.swapped_attention_blocks <= model.num_layers and plan.swapped_mlp_blocks <= model.num_layers
     size = sizes(model, plan)
     L, A = model.num_layers, plan.grad_accum
@@ -380,8 +415,8 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile) -> 
     # Block j's gradient leaves (and, on the last micro-batch, its update runs) while block j-1 computes:
     # stage j carries block j+1's; stage L-1 carries none; block 0's is the epilogue (last micro-batch)
     # or overlaps the next micro-batch's forward (not priced as time).
-    plain_out = gradient_out_legs(model, plan, size, update=False)
-    last_out = gradient_out_legs(model, plan, size, update=True)
+    outs = [gradient_out_legs(model, plan, size, k, update=k == A - 1 and not deferred_updates) for k in range(A)]
+    update = block_update_legs(model, plan, size)
     timed: dict[Legs, LegTimes] = {}  # most blocks cost the same: price each distinct stage once
 
     def times(legs: Legs) -> LegTimes:
@@ -389,31 +424,36 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile) -> 
             timed[legs] = leg_times(legs, hardware)
         return timed[legs]
 
-    forward = [times(legs) for legs in forward_legs]
-    backward_plain = [times(legs + plain_out) if j < L - 1 else times(legs) for j, legs in enumerate(compute_legs)]
-    backward_last = [times(legs + last_out) if j < L - 1 else times(legs) for j, legs in enumerate(compute_legs)]
+    # Deferred: the first micro-batch's forward of block j overlaps block j+1's update (block 0's is in
+    # the epilogue); otherwise forward stages carry no CPU work.
+    forward_first = [times(legs + update) if deferred_updates and j < L - 1 else times(legs) for j, legs in enumerate(forward_legs)]
+    forward_rest = [times(legs) for legs in forward_legs]
+    backward = [[times(legs + out) if j < L - 1 else times(legs) for j, legs in enumerate(compute_legs)] for out in outs]
 
     # prologue (per micro-batch): block 0's weights must arrive before it computes (the next d overlap it)
     first_load = Legs(h2d_bytes=size.block_param_bytes if plan.streams_params else 0,
                       ssd_read_bytes=size.block_param_bytes if plan.params == "ssd" else 0)
     prologue_s = A * leg_times(first_load, hardware).serial_s
-    forward_s = A * sum(t.overlapped_s for t in forward)
+    forward_s = sum(t.overlapped_s for t in forward_first) + (A - 1) * sum(t.overlapped_s for t in forward_rest)
     head_flops = 3 * head_forward_flops(model, T)  # forward, and backward = 2 x forward
-    head_s = A * head_flops / (hardware.gpu_tflops * 1e12)
-    backward_s = (A - 1) * sum(t.overlapped_s for t in backward_plain) + sum(t.overlapped_s for t in backward_last)
+    head_s = A * head_flops / (hardware.block_tflops * 1e12)
+    backward_s = sum(sum(t.overlapped_s for t in stages) for stages in backward)
 
     # epilogue: block 0's gradient out and its update; the outer group's fp32 gradient out, its update, its
     # fp32 weights back in. Serial: the next step's forward starts with exactly these weights.
     outer = Legs(d2h_bytes=4 * size.outer_params, h2d_bytes=4 * size.outer_params) + _update_legs(
         plan.replace(params="cpu"), OPTIMIZER_BYTES_PER_PARAM * size.outer_params, 0, size.outer_params
     )
-    epilogue_s = leg_times(last_out, hardware).serial_s + leg_times(outer, hardware).serial_s
+    block_0 = outs[-1] + (update if deferred_updates else Legs())
+    epilogue_s = leg_times(block_0, hardware).serial_s + leg_times(outer, hardware).serial_s
 
     iteration_s = prologue_s + forward_s + head_s + backward_s + epilogue_s
 
     # what each resource does in the whole step, overlapped or not (the breakdown)
     total = sum([legs.scaled(A) for legs in forward_legs + compute_legs], Legs())
-    total = total + plain_out.scaled(L * (A - 1)) + last_out.scaled(L) + outer + first_load.scaled(A)
+    total = total + sum([out.scaled(L) for out in outs], Legs()) + outer + first_load.scaled(A)
+    if deferred_updates:
+        total = total + update.scaled(L)
     total_times = leg_times(total, hardware)
     hardware_flops = total.compute_flops + A * head_flops
 
@@ -426,12 +466,12 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile) -> 
         head_s=head_s,
         backward_s=backward_s,
         epilogue_s=epilogue_s,
-        compute_busy_s=hardware_flops / (hardware.gpu_tflops * 1e12),
+        compute_busy_s=hardware_flops / (hardware.block_tflops * 1e12),
         pcie_busy_s=total_times.pcie_s,
         ssd_busy_s=total_times.ssd_s,
         optimizer_busy_s=total_times.optimizer_s,
-        forward_bottleneck=_most_common(t.bottleneck for t in forward),
-        backward_bottleneck=_most_common(t.bottleneck for t in backward_last),
+        forward_bottleneck=_most_common(t.bottleneck for t in forward_first),
+        backward_bottleneck=_most_common(t.bottleneck for t in backward[-1]),
         step_tokens=plan.step_tokens,
         hardware_flops=hardware_flops,
         model_flops=model_flops(model, plan.step_tokens),
@@ -476,8 +516,9 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_byte
     # intermediate (F wide, 2F for SwiGLU's gate/up) and of the residual stream (x_j and dx_j)
     F_wide = model.ffn_size * (1 if model.family == "gpt" else 2)
     block_working = size.attention_internals_bytes + size.mlp_internals_bytes + T * b * F_wide + 2 * size.checkpoint_bytes
-    # the head: logits (compute dtype), their fp32 log-softmax for the loss, and the logits' gradient
-    head_working = T * model.vocab_size * (b + 4 + b)
+    # the head, in chunks of HEAD_CHUNK_TOKENS: logits (compute dtype), their fp32 log-softmax for the
+    # loss, and the logits' gradient
+    head_working = min(T, HEAD_CHUNK_TOKENS) * model.vocab_size * (b + 4 + b)
     gpu = (reserved_bytes + OUTER_BYTES_PER_PARAM_ON_GPU * size.outer_params + block_weights
            + size.block_grad_bytes + checkpoints + max(block_working, head_working))
 

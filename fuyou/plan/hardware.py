@@ -42,6 +42,13 @@ class HardwareProfile:
         ssd_read_gbps, ssd_write_gbps: one drive's sequential rates.
         ssd_count: drives striped together (0: no SSD).
         ssd_capacity_gb: free space on the array for swap files, GiB (None: unknown, not checked).
+        block_efficiency: the fraction of `gpu_tflops` a whole transformer block's forward + backward
+            achieves (hardware FLOPs, full S x S attention counted) under bf16 autocast: norms,
+            activations, residual adds, attention and kernel launches included. The probe measures it
+            on one GPT-style block (shape in `source`); None: 1.0, every FLOP at the GEMM rate.
+        cpu_memory_gbps: bytes per second (read + written) of a plain CPU pass over large fp32
+            tensors, what the optimizer worker's non-AdamW passes run at (weight casts, gradient adds,
+            norms); None: those passes are not priced.
         source: where the numbers come from (probe command and date, or datasheets).
     """
 
@@ -60,6 +67,8 @@ class HardwareProfile:
     source: str
     pcie_duplex_gbps: float | None = None
     ssd_capacity_gb: float | None = None
+    block_efficiency: float | None = None
+    cpu_memory_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if self.compute_device not in COMPUTE_DEVICES:
@@ -75,12 +84,19 @@ class HardwareProfile:
                 raise ConfigError(f"hardware.{key} must be >= 0 (0: absent), got {getattr(self, key)}")
         if self.ssd_count < 0:
             raise ConfigError(f"hardware.ssd_count must be >= 0, got {self.ssd_count}")
-        for key in ("pcie_duplex_gbps", "ssd_capacity_gb"):
+        if self.block_efficiency is not None and not 0 < self.block_efficiency <= 1:
+            raise ConfigError(f"hardware.block_efficiency must be in (0, 1] or null, got {self.block_efficiency}")
+        for key in ("pcie_duplex_gbps", "ssd_capacity_gb", "cpu_memory_gbps"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ConfigError(f"hardware.{key} must be > 0 or null, got {value}")
 
     # ---- derived rates: the array, and PCIe both ways ----------------------------------------------
+
+    @property
+    def block_tflops(self) -> float:
+        """The rate transformer blocks (and the head) are priced at: gpu_tflops x block_efficiency."""
+        return self.gpu_tflops * (self.block_efficiency or 1.0)
 
     @property
     def ssd_array_read_gbps(self) -> float:

@@ -7,7 +7,13 @@ runs it in seconds, at the price of rates well below the hardware's):
                CPU only: an fp32 matmul, written as `gpu_tflops` with `compute_device: cpu`.
     PCIe       CUDA: pinned H2D and D2H copies of 1 GiB (quick 64 MiB), each alone and both at once on two
                streams (`pcie_duplex_gbps`). CPU only: a host memory copy, the runtime's "transfer" there.
+    block      CUDA: one GPT-style transformer block (D 2560, 32 heads, F 4D: the GPT-3 2.7B block) forward
+               + backward under bf16 autocast on an fp32 residual stream, batch 8 x 2048 (quick 1 x 256), as
+               the runtime runs it; hardware FLOPs / time / gpu_tflops -> `block_efficiency`. Shape-
+               dependent (larger D runs nearer the GEMM rate): the cost model applies it to every shape.
     CPU AdamW  torch's fused CPU AdamW (foreach where fused is missing) over 256M fp32 params (quick 2M).
+    CPU pass   a copy of 1 GiB (quick 64 MiB) between fp32 tensors, bytes read + written per second ->
+               `cpu_memory_gbps`, the rate of the optimizer worker's casts and gradient adds.
     SSD        O_DIRECT writes then reads of a 2 GiB file (quick 32 MiB) under `ssd_dir` through
                offload's `PosixBackend` (the store's own I/O path: 8 MiB pieces, 8 threads). The
                directory is one "drive" (`ssd_count: 1`): point it at a RAID-0 and the array's rate is
@@ -106,6 +112,30 @@ def memcpy_gbps(num_bytes: int, repeats: int) -> float:
     return num_bytes / _timed(lambda: dst.copy_(src), repeats) / 1e9
 
 
+def block_efficiency(gpu_tflops: float, quick: bool) -> tuple[float, str]:
+    """Achieved fraction of `gpu_tflops` for one transformer block's forward + backward (module docstring)."""
+    from fuyou.models import get_preset
+    from fuyou.models.transformer import Block
+    from fuyou.plan.cost_model import block_forward_flops
+
+    config = get_preset("gpt3-2.7b")
+    batch, seq = (1, 256) if quick else (8, 2048)
+    block = Block(config).cuda()
+    x_BSD = torch.randn(batch, seq, config.hidden_size, device="cuda", requires_grad=True)
+    grad_BSD = torch.randn_like(x_BSD)
+
+    def forward_backward() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y_BSD = block(x_BSD)
+        y_BSD.backward(grad_BSD)
+
+    seconds = _timed(forward_backward, 3 if quick else 10, torch.cuda.synchronize)
+    flops = 3 * block_forward_flops(config, batch, seq).forward  # forward + backward (2 x forward)
+    del block, x_BSD, grad_BSD
+    torch.cuda.empty_cache()
+    return min(1.0, flops / seconds / 1e12 / gpu_tflops), f"GPT-3 2.7B block, {batch} x {seq}"
+
+
 def adam_gparams_per_s(num_params: int, repeats: int) -> tuple[float, str]:
     """torch AdamW on CPU fp32 params; fused where this torch has it."""
     param = torch.nn.Parameter(torch.zeros(num_params))
@@ -190,6 +220,13 @@ def probe(ssd_dir: str | None = None, *, quick: bool = False, log=print) -> Hard
         h2d = d2h = memcpy_gbps((64 * MiB) if quick else GiB, 3 if quick else 10)
     log(f"compute: {gpu_tflops:.2f} TFLOPS ({'bf16' if cuda else 'fp32 CPU'}), FP8 {fp8:.1f}")
     log(f"transfers: H2D {h2d:.1f} GB/s, D2H {d2h:.1f} GB/s" + (f", both at once {duplex:.1f} GB/s" if duplex else ""))
+    efficiency, block_shape = (None, "")
+    if cuda:
+        efficiency, block_shape = block_efficiency(gpu_tflops, quick)
+        notes.append(f"block efficiency: {block_shape}, bf16 autocast")
+        log(f"transformer block forward+backward: {efficiency:.2f} of the GEMM rate ({block_shape})")
+    cpu_pass = 2 * memcpy_gbps((64 * MiB) if quick else GiB, 3 if quick else 5)  # read + written
+    log(f"CPU memory pass: {cpu_pass:.1f} GB/s read + written")
     adam, kind = adam_gparams_per_s((2 << 20) if quick else (256 << 20), 2 if quick else 5)
     notes.append(f"CPU AdamW: torch {kind}, {torch.get_num_threads()} threads")
     log(f"CPU AdamW ({kind}): {adam:.2f} Gparam/s")
@@ -216,6 +253,8 @@ def probe(ssd_dir: str | None = None, *, quick: bool = False, log=print) -> Hard
         ssd_write_gbps=write,
         ssd_count=1,
         ssd_capacity_gb=round(shutil.disk_usage(ssd_dir).free / GiB, 1),
+        block_efficiency=efficiency,
+        cpu_memory_gbps=cpu_pass,
         source="; ".join(notes),
     )
     return profile
