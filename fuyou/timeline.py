@@ -4,8 +4,8 @@ Lanes (`LANES`) and where their spans come from; every time is `time.perf_counte
     compute        `ComputeTracer` spans the schedule opens around each block's forward, recompute and
                    backward (`FuyouSchedule.tracer`); on a GPU they are CUDA events on the compute
                    stream, converted to host time through one anchor event, because host timestamps of
-                   asynchronous kernels say when they were queued, not when they ran. The head, loss
-                   and embedding are not spanned: they are the gaps around the blocks. With
+                   asynchronous kernels say when they were queued, not when they ran; and around the
+                   head with its loss and their backward ("head"). The embedding is not spanned. With
                    runtime=reference one span per step ("step").
     H2D, D2H, device copy
                    on a GPU, the copy streams' CUDA events around each copy (`CopyEngine.device_timings`),
@@ -33,7 +33,7 @@ import torch
 
 LANES = ("compute", "H2D", "D2H", "SSD read", "SSD write", "CPU optimizer", "host copy", "device copy")
 STORE_LANES = {"h2d": "H2D", "d2h": "D2H", "ssd_read": "SSD read", "ssd_write": "SSD write", "h2h": "host copy", "d2d": "device copy"}
-COLORS = {"forward": "tab:blue", "recompute": "tab:cyan", "backward": "tab:purple", "step": "tab:blue",
+COLORS = {"forward": "tab:blue", "recompute": "tab:cyan", "backward": "tab:purple", "head": "goldenrod", "step": "tab:blue",
           "h2d": "tab:green", "d2h": "tab:olive", "ssd_read": "tab:orange", "ssd_write": "tab:red",
           "h2h": "tab:gray", "d2d": "tab:gray", "accumulate": "tab:brown", "update": "tab:pink",
           "fix_up": "tab:red", "publish": "tab:olive", "state_wait": "lightgray"}
@@ -72,8 +72,9 @@ class ComputeTracer:
             self._anchor_s = time.perf_counter()  # the idle stream reaches the event at once
 
     @contextmanager
-    def span(self, kind: str, j: int):
-        name = f"{kind} {j}"
+    def span(self, kind: str, j: int | None):
+        """Times the block (`kind` "forward", "recompute", "backward" of block `j`; "head" with j None)."""
+        name = kind if j is None else f"{kind} {j}"
         if not self.on_gpu:
             start_s = time.perf_counter()
             yield
