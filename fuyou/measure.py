@@ -31,6 +31,7 @@ pynvml, psutil and subprocesses are used only when a meter runs, so `import fuyo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import subprocess
 import threading
@@ -125,8 +126,8 @@ class Meter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="fuyou-meter", daemon=True)
         self._running = True
+        self._power.start()  # may wait for nvidia-smi's first sample: before the measured time starts
         self._start_s = time.perf_counter()
-        self._power.start()
         self._thread.start()
         return self
 
@@ -184,9 +185,10 @@ class Meter:
         if not self._running:
             return None
         self._running = False
+        end_s = time.perf_counter()
         self._stop.set()
         self._thread.join()
-        return self._power.stop()
+        return self._power.stop(self._start_s, end_s)
 
     def _moved_bytes(self) -> dict[str, int]:
         if self.store is None:
@@ -232,12 +234,14 @@ class GpuPower:
     def sample(self) -> None:
         pass
 
-    def stop(self) -> Energy:
+    def stop(self, start_s: float, end_s: float) -> Energy:
+        """The energy over [start_s, end_s] (perf_counter seconds), and the peak memory seen."""
         return Energy(None, None, self.reason, None)
 
 
 class _PowerSamples:
-    """Timestamped power samples in watts, integrated with the trapezoid rule."""
+    """Timestamped power samples in watts, integrated over a window with the trapezoid rule (the first
+    and last samples held to the window's edges)."""
 
     def __init__(self) -> None:
         self.times_s: list[float] = []
@@ -247,11 +251,12 @@ class _PowerSamples:
         self.times_s.append(time.perf_counter())
         self.watts.append(watts)
 
-    def joules(self) -> float | None:
-        if len(self.watts) < 2:
+    def joules(self, start_s: float, end_s: float) -> float | None:
+        inside = [(t, w) for t, w in zip(self.times_s, self.watts) if start_s <= t <= end_s]
+        if not inside:
             return None
-        pairs = zip(zip(self.times_s, self.watts), zip(self.times_s[1:], self.watts[1:]))
-        return sum((t1 - t0) * (w0 + w1) / 2 for (t0, w0), (t1, w1) in pairs)
+        edges = [(start_s, inside[0][1])] + inside + [(end_s, inside[-1][1])]
+        return sum((t1 - t0) * (w0 + w1) / 2 for (t0, w0), (t1, w1) in itertools.pairwise(edges))
 
 
 def _cuda_uuid(device: torch.device) -> str | None:
@@ -300,13 +305,13 @@ class NvmlPower(GpuPower):
         except self.nvml.NVMLError:
             pass
 
-    def stop(self) -> Energy:
+    def stop(self, start_s: float, end_s: float) -> Energy:
         self.sample()
         end_mj = self._energy_mj()
         if self.start_mj is not None and end_mj is not None:
             return Energy((end_mj - self.start_mj) / 1e3, "NVML energy counter", None, self.peak_used_bytes or None)
-        joules = self.samples.joules()
-        reason = None if joules is not None else "too few NVML power samples; measure more steps"
+        joules = self.samples.joules(start_s, time.perf_counter())
+        reason = None if joules is not None else "NVML reports no power draw for this GPU"
         return Energy(joules, "NVML power samples" if joules is not None else None, reason, self.peak_used_bytes or None)
 
 
@@ -322,8 +327,10 @@ class SmiPower(GpuPower):
         command = ["nvidia-smi", f"--id={self.device_id}", "--query-gpu=power.draw,memory.used",
                    "--format=csv,noheader,nounits", "-lms", "100"]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.first_sample = threading.Event()
         self.reader = threading.Thread(target=self._read, name="fuyou-nvidia-smi", daemon=True)
         self.reader.start()
+        self.first_sample.wait(timeout=5.0)  # nvidia-smi takes a moment to start; measure once it samples
 
     def _read(self) -> None:
         for line in self.process.stdout:
@@ -334,17 +341,18 @@ class SmiPower(GpuPower):
                 continue  # "[N/A]" on GPUs that do not report power
             self.samples.add(watts)
             self.peak_used_bytes = max(self.peak_used_bytes, int(used_mib * 2**20))
+            self.first_sample.set()
 
-    def stop(self) -> Energy:
+    def stop(self, start_s: float, end_s: float) -> Energy:
         exit_code = self.process.poll()  # None: still sampling, as it should be
         self.process.terminate()
         self.process.wait()
         self.reader.join()
-        joules = self.samples.joules()
+        joules = self.samples.joules(start_s, end_s)
         reason = None
         if joules is None:
             reason = (f"nvidia-smi --id={self.device_id} exited with code {exit_code}" if exit_code
-                      else "nvidia-smi gave fewer than two power samples; measure more steps")
+                      else "nvidia-smi gave no power sample while measuring (power.draw [N/A] on this GPU?)")
         return Energy(joules, "nvidia-smi power samples" if joules is not None else None, reason, self.peak_used_bytes or None)
 
 

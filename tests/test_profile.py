@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -185,15 +186,16 @@ def test_gpu_energy_readers_without_a_gpu(monkeypatch):
     nvml = measure.NvmlPower(torch.device("cuda", 0))
     nvml.start()
     nvml.sample()
-    energy = nvml.stop()
+    energy = nvml.stop(0.0, 1.0)
     assert (energy.joules, energy.source, energy.peak_used_bytes) == (1000.0, "NVML energy counter", 3 << 30)
 
     samples = measure._PowerSamples()
-    samples.times_s, samples.watts = [0.0, 1.0, 3.0], [100.0, 200.0, 200.0]
-    assert samples.joules() == 150.0 + 400.0  # trapezoids
+    samples.times_s, samples.watts = [0.5, 1.0, 3.0], [100.0, 200.0, 200.0]
+    assert samples.joules(0.0, 4.0) == 50.0 + 75.0 + 400.0 + 200.0  # trapezoids, the end samples held to the edges
+    assert samples.joules(3.5, 4.0) is None
 
     smi = measure.SmiPower.__new__(measure.SmiPower)
-    smi.samples, smi.peak_used_bytes = measure._PowerSamples(), 0
+    smi.samples, smi.peak_used_bytes, smi.first_sample = measure._PowerSamples(), 0, threading.Event()
     smi.process = SimpleNamespace(stdout=iter(["250.5, 1024\n", "[N/A], 10\n", "300.0, 2048\n"]))
     smi._read()
     assert smi.samples.watts == [250.5, 300.0] and smi.peak_used_bytes == 2048 << 20
