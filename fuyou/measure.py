@@ -342,6 +342,7 @@ class SmiPower(GpuPower):
             self.samples.add(watts)
             self.peak_used_bytes = max(self.peak_used_bytes, int(used_mib * 2**20))
             self.first_sample.set()
+        self.first_sample.set()  # nvidia-smi exited: nothing to wait for
 
     def stop(self, start_s: float, end_s: float) -> Energy:
         exit_code = self.process.poll()  # None: still sampling, as it should be
