@@ -51,7 +51,7 @@ with the reduced axis contiguous. The weight gradient reduces over tokens, so it
 tokens contiguous, and the input gradient needs W^T. The quantizer therefore writes each FP8 tensor in the
 layouts its GEMMs need, in the same pass that scales it: the forward keeps Q(X H_I)^T and Q(W H_I)^T for
 backward (the same bytes as keeping the row-major copies). On CUDA the quantizer (amax, scale, cast, both
-layouts) runs through torch.compile, two fused kernels, unless `use_compiled_quantizer(False)`; if the
+layouts) runs through torch.compile with static shapes, two fused kernels, unless `use_compiled_quantizer(False)`; if the
 compiler fails it warns once and falls back to eager torch ops.
 """
 
@@ -105,7 +105,13 @@ def _quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool):
 def _quantize(x_RC: torch.Tensor, rows: bool = True, cols: bool = False):
     if x_RC.is_cuda and _compiler["enabled"] and not _compiler["failed"]:
         if _compiler["function"] is None:
-            _compiler["function"] = torch.compile(_quantize_math, dynamic=True)
+            # Static shapes: with dynamic ones Inductor cannot split the amax reduction across the GPU and
+            # the quantizer ran 20-100x slower than eager (H100, torch 2.11). A model has a handful of linear
+            # shapes, each compiled once (x, W and dY, in one or two layouts), so allow that many entries.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 128))
+            _compiler["function"] = torch.compile(_quantize_math, dynamic=False)
         try:
             return _compiler["function"](x_RC, rows, cols)
         except torch.cuda.OutOfMemoryError:
@@ -153,10 +159,10 @@ def _operands(x_RC: torch.Tensor, quantize: bool, *, rows: bool = True, cols: bo
 def _pad_to(x_RC: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     if x_RC.shape == (rows, cols):
         return x_RC
-    # F.pad has no FP8 kernel; pad through a zero buffer instead.
-    padded = x_RC.new_zeros(rows, cols)
-    padded[: x_RC.shape[0], : x_RC.shape[1]] = x_RC
-    return padded
+    # F.pad, fill_ and friends lack FP8 kernels on some devices; pad the bytes (0x00 is +0.0 in e4m3).
+    padded = torch.zeros(rows, cols, dtype=torch.uint8, device=x_RC.device)
+    padded[: x_RC.shape[0], : x_RC.shape[1]] = x_RC.view(torch.uint8)
+    return padded.view(x_RC.dtype)
 
 
 def _scaled_mm(a_MK: _Operand, b_NK: _Operand, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
