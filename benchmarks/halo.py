@@ -67,15 +67,15 @@ def time_ms(run, *, setup=None, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in times)
 
 
-def gemm_rows(tokens: int, shapes, levels, repeats: int) -> list[dict]:
+def gemm_rows(tokens: int, shapes, levels, repeats: int, quantizers) -> list[dict]:
     rows = []
     for name, in_features, out_features in shapes:
-        rows.append(gemm_row(tokens, name, in_features, out_features, levels, repeats))
+        rows.append(gemm_row(tokens, name, in_features, out_features, levels, repeats, quantizers))
         print(f"gemm {name}: {json.dumps(rows[-1])}", flush=True)
     return rows
 
 
-def gemm_row(tokens: int, name: str, in_features: int, out_features: int, levels, repeats: int) -> dict:
+def gemm_row(tokens: int, name: str, in_features: int, out_features: int, levels, repeats: int, quantizers) -> dict:
     from quant import halo
 
     x = torch.randn(tokens, in_features, device="cuda", dtype=torch.bfloat16)
@@ -100,10 +100,10 @@ def gemm_row(tokens: int, name: str, in_features: int, out_features: int, levels
         "input_grad": time_ms(lambda _: raw(dy_q, w_t, sdy, sw, False), repeats=repeats),
         "weight_grad": time_ms(lambda _: raw(dy_t, x_t, sdy, sx, False), repeats=repeats),
     }
-    for compiled in (True, False):
-        halo.use_compiled_quantizer(compiled)
+    for quantizer in quantizers:
+        halo.use_compiled_quantizer(quantizer == "compiled")
         for level in levels:
-            row[f"halo_l{level}_{'compiled' if compiled else 'eager'}"] = halo_times(x, w, dy, level, repeats)
+            row[f"halo_l{level}_{quantizer}"] = halo_times(x, w, dy, level, repeats)
     halo.use_compiled_quantizer(True)
     return row
 
@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2], help="HALO levels timed per GEMM")
     parser.add_argument("--e2e-levels", type=int, nargs="+", default=[0, 1], help="HALO levels trained end to end")
+    parser.add_argument("--quantizers", nargs="+", default=["compiled", "eager"], choices=["compiled", "eager"],
+                        help="HALO quantizer variants timed per GEMM")
+    parser.add_argument("--e2e-bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train the bf16 baseline end to end")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
@@ -235,12 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     from quant.halo import compiled_quantizer_failed
 
     if not args.skip_gemm:
-        result["gemm"] = gemm_rows(args.batch_size * args.seq_len, linear_shapes(args.preset), args.levels, args.repeats)
+        result["gemm"] = gemm_rows(args.batch_size * args.seq_len, linear_shapes(args.preset), args.levels, args.repeats,
+                                   args.quantizers)
         result["quantizer_compile_failed"] = compiled_quantizer_failed()
         save()
     if not args.skip_e2e:
         result["e2e"] = []
-        for level in (None, *args.e2e_levels):
+        for level in ([None] if args.e2e_bf16 else []) + list(args.e2e_levels):
             run = e2e_run(args, level)
             result["e2e"].append(run)
             result["quantizer_compile_failed"] = compiled_quantizer_failed()
