@@ -104,8 +104,47 @@ def gemm_row(tokens: int, name: str, in_features: int, out_features: int, levels
         halo.use_compiled_quantizer(quantizer == "compiled")
         for level in levels:
             row[f"halo_l{level}_{quantizer}"] = halo_times(x, w, dy, level, repeats)
+            row[f"error_l{level}_{quantizer}"] = halo_errors(x, w, dy, level)
     halo.use_compiled_quantizer(True)
     return row
+
+
+def quantizer_breakdown(tokens: int, in_features: int, repeats: int) -> dict:
+    """Milliseconds of the quantizer's pieces on one activation x [T, I] (bf16), eager and compiled."""
+    from quant import halo
+
+    x = torch.randn(tokens, in_features, device="cuda", dtype=torch.bfloat16)
+    scale = torch.linalg.vector_norm(x, float("inf")).float() / halo.FP8_MAX
+    x_fp8 = (x * scale.reciprocal()).to(halo.FP8_DTYPE)
+    halo.use_compiled_quantizer(True)
+    pieces = {
+        "bytes_read_once": x.numel() * x.element_size(),
+        "copy_bf16": time_ms(lambda _: x.clone(), repeats=repeats),
+        "amax_vector_norm": time_ms(lambda _: torch.linalg.vector_norm(x, float("inf")), repeats=repeats),
+        "amax_abs_amax": time_ms(lambda _: x.abs().amax(), repeats=repeats),
+        "scale_and_cast": time_ms(lambda _: (x * scale.reciprocal()).to(halo.FP8_DTYPE), repeats=repeats),
+        "transpose_fp8": time_ms(lambda _: x_fp8.t().contiguous(), repeats=repeats),
+        "transpose_bf16": time_ms(lambda _: x.t().contiguous(), repeats=repeats),
+        "rotate_256": time_ms(lambda _: halo.rotate_blocks(x, -1), repeats=repeats),
+        "eager_rows": time_ms(lambda _: halo._quantize_math(x, True, False), repeats=repeats),
+        "eager_rows_cols": time_ms(lambda _: halo._quantize_math(x, True, True), repeats=repeats),
+        "compiled_rows": time_ms(lambda _: halo._quantize(x, True, False), repeats=repeats),
+        "compiled_rows_cols": time_ms(lambda _: halo._quantize(x, True, True), repeats=repeats),
+    }
+    print(f"quantizer pieces, x [{tokens}, {in_features}] bf16: {json.dumps(pieces)}", flush=True)
+    return pieces
+
+
+def halo_errors(x, w, dy, level: int) -> dict:
+    """‖HALO − exact‖ / ‖exact‖ of y, dX and dW against fp32 math on the same bf16 inputs (e4m3: ~4%)."""
+    from quant.halo import halo_matmul
+
+    x_in, w_in = x.detach().requires_grad_(), w.detach().requires_grad_()
+    y = halo_matmul(x_in, w_in, level=level)
+    dx, dw = torch.autograd.grad(y, (x_in, w_in), dy)
+    x32, w32, dy32 = x.float(), w.float(), dy.float()
+    pairs = {"forward": (y, x32 @ w32.t()), "input_grad": (dx, dy32 @ w32), "weight_grad": (dw, dy32.t() @ x32)}
+    return {kind: ((got.float() - exact).norm() / exact.norm()).item() for kind, (got, exact) in pairs.items()}
 
 
 def halo_times(x, w, dy, level: int, repeats: int) -> dict:
@@ -138,11 +177,23 @@ def e2e_overrides(args, level: int | None) -> list[str]:
     return overrides
 
 
-def e2e_run(args, level: int | None) -> dict:
+def faster_quantizer(gemm: list[dict], level: int) -> str:
+    """The quantizer ("compiled" or "eager") whose level-`level` linears took less time per step."""
+    totals = {}
+    for quantizer in ("compiled", "eager"):
+        key = f"halo_l{level}_{quantizer}"
+        if gemm and key in gemm[0]:
+            totals[quantizer] = sum(row[key]["forward"] + row[key]["backward_both"] for row in gemm)
+    return min(totals, key=totals.get) if totals else "compiled"
+
+
+def e2e_run(args, level: int | None, quantizer: str = "compiled") -> dict:
     from fuyou.config import TrainConfig
     from fuyou.trainer import Trainer
+    from quant.halo import use_compiled_quantizer
 
     overrides = e2e_overrides(args, level)
+    use_compiled_quantizer(quantizer == "compiled")
     with tempfile.TemporaryDirectory() as output:
         trainer = Trainer(TrainConfig.from_yaml(args.config, overrides), output_dir=output, progress=False)
         start_s = time.perf_counter()
@@ -153,6 +204,7 @@ def e2e_run(args, level: int | None) -> dict:
     losses = [step["loss"] for step in steps]
     result = {
         "mode": "bf16" if level is None else f"halo_l{level}",
+        "quantizer": None if level is None else quantizer,
         "command": shlex.join(["fuyou", "train", "--config", args.config, *overrides]),
         "parameters": trainer.num_parameters,
         "steps": len(steps),
@@ -174,6 +226,8 @@ def print_tables(result: dict) -> None:
     gemm = result.get("gemm", [])
     if gemm:
         variants = [key for key in gemm[0] if key == "fp8_gemm" or key.startswith("halo_")]
+        errors = {key: max(row[key][kind] for row in gemm for kind in row[key]) for key in gemm[0] if key.startswith("error_")}
+        print("largest relative error of y, dX, dW over the shapes: " + ", ".join(f"{k} {v:.3f}" for k, v in errors.items()))
         print(f"\nPer GEMM, T = {gemm[0]['T']} tokens: bf16 ms and speedup (bf16 / variant)")
         print("| linear | I → O | GEMM | bf16 ms | " + " | ".join(variants) + " |")
         print("|---|---|---|---|" + "---|" * len(variants))
@@ -196,7 +250,7 @@ def print_tables(result: dict) -> None:
         for run in runs:
             rel = f"{(run['final_loss'] - base['final_loss']) / base['final_loss']:+.2%}" if base else "-"
             speed = f"{run['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "-"
-            print(f"| {run['mode']} | {run['final_loss']:.4f} | {rel} | {run['tokens_per_s']:,.0f} | {speed} | {run['peak_gpu_bytes'] / 2**30:.1f} |")
+            print(f"| {run['mode']}{'' if run.get('quantizer') is None else ' (' + run['quantizer'] + ')'} | {run['final_loss']:.4f} | {rel} | {run['tokens_per_s']:,.0f} | {speed} | {run['peak_gpu_bytes'] / 2**30:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="HALO quantizer variants timed per GEMM")
     parser.add_argument("--e2e-bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="also train the bf16 baseline end to end")
+    parser.add_argument("--e2e-quantizer", default="auto", choices=["auto", "compiled", "eager"],
+                        help="auto: the faster one in part 1 (compiled when part 1 is skipped)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
@@ -239,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     from quant.halo import compiled_quantizer_failed
 
     if not args.skip_gemm:
+        tokens = args.batch_size * args.seq_len
+        result["quantizer_pieces"] = quantizer_breakdown(tokens, get_preset(args.preset).hidden_size, args.repeats)
         result["gemm"] = gemm_rows(args.batch_size * args.seq_len, linear_shapes(args.preset), args.levels, args.repeats,
                                    args.quantizers)
         result["quantizer_compile_failed"] = compiled_quantizer_failed()
@@ -246,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_e2e:
         result["e2e"] = []
         for level in ([None] if args.e2e_bf16 else []) + list(args.e2e_levels):
-            run = e2e_run(args, level)
+            quantizer = args.e2e_quantizer
+            if quantizer == "auto" and level is not None:
+                quantizer = faster_quantizer(result.get("gemm", []), level)
+            run = e2e_run(args, level, quantizer)
             result["e2e"].append(run)
             result["quantizer_compile_failed"] = compiled_quantizer_failed()
             save()
