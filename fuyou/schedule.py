@@ -117,7 +117,7 @@ class FuyouSchedule:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
-    def _span(self, kind: str, j: int):
+    def _span(self, kind: str, j: int | None):
         return nullcontext() if self.tracer is None else self.tracer.span(kind, j)
 
     def _stream(self, order: Sequence[int]) -> WeightStream:
@@ -187,13 +187,14 @@ class FuyouSchedule:
         x_BSD = x_BSD.detach().requires_grad_()
         rows = max(1, HEAD_CHUNK_TOKENS // x_BSD.shape[1])
         micro_loss = torch.zeros((), device=x_BSD.device)
-        for row in range(0, x_BSD.shape[0], rows):
-            with self.autocast():
-                logits_BSV = self.model.head(x_BSD[row : row + rows])
-            chunk_loss = loss_sum(logits_BSV, labels_BS[row : row + rows])
-            (chunk_loss / denominator).backward()
-            micro_loss += chunk_loss.detach()
-            del logits_BSV, chunk_loss
+        with self._span("head", None):
+            for row in range(0, x_BSD.shape[0], rows):
+                with self.autocast():
+                    logits_BSV = self.model.head(x_BSD[row : row + rows])
+                chunk_loss = loss_sum(logits_BSV, labels_BS[row : row + rows])
+                (chunk_loss / denominator).backward()
+                micro_loss += chunk_loss.detach()
+                del logits_BSV, chunk_loss
         return micro_loss, x_BSD.grad
 
     # ---- backward of micro-batch k ----------------------------------------------------------------
