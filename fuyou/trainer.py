@@ -180,6 +180,9 @@ class Trainer:
                     bar.set_postfix_str(progress_postfix(metrics), refresh=False)
                 bar.update(1)
                 if meter is None and step == 1:
+                    # Step 1's queued updates finish first, so the window holds each measured step's
+                    # work once: its own updates (drained at the end), not also step 1's.
+                    self.drain()
                     meter = self.meter().start(reset_peaks=False)  # peaks stay "since the run began"
             self.drain()
             measurement = meter.stop()
