@@ -282,12 +282,17 @@ def run(args: argparse.Namespace) -> dict:
     from fuyou.models.presets import get_preset
     from fuyou.reference import causal_lm_loss_sum
 
-    assert torch.cuda.is_available(), "the baselines need a CUDA GPU"
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    total_gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    on_gpu = device.type == "cuda"
     cap_bytes = int(args.gpu_memory_gb * GIB)
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total_gpu_bytes), device)
+    if on_gpu:
+        torch.cuda.set_device(device)
+        total_gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total_gpu_bytes), device)
+
+    def synchronize() -> None:
+        if on_gpu:
+            torch.cuda.synchronize(device)
     shape = get_preset(args.preset)
     if args.num_layers:
         shape = shape.replace(num_layers=args.num_layers)
@@ -305,7 +310,7 @@ def run(args: argparse.Namespace) -> dict:
         "gpu_cap_bytes": cap_bytes,
         "nvme_dir": args.nvme_dir,
     }
-    if args.mode == "pytorch" and PYTORCH_BYTES_PER_PARAM * num_parameters > cap_bytes:
+    if args.mode == "pytorch" and on_gpu and PYTORCH_BYTES_PER_PARAM * num_parameters > cap_bytes:
         return {**result, "fits": False, "need_bytes": PYTORCH_BYTES_PER_PARAM * num_parameters,
                 "reason": f"{PYTORCH_BYTES_PER_PARAM} B/param (fp32 weights, grads, 2 moments) exceed the GPU cap"}
 
@@ -334,31 +339,32 @@ def run(args: argparse.Namespace) -> dict:
         config = deepspeed_config(args.mode, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                                   nvme_dir=args.nvme_dir, largest_param_numel=largest_param_numel, aio=aio,
                                   sub_group_size=args.sub_group_size)
-        deepspeed.init_distributed(dist_backend=args.dist_backend)
+        deepspeed.init_distributed(dist_backend=args.dist_backend or ("nccl" if on_gpu else "gloo"))
         # The head multiplies by token_embedding.weight outside that module's forward: ZeRO-3 must gather it
         # for the whole forward of the wrapper, not only for the embedding lookup.
         if args.mode == "zero-infinity":
             deepspeed.zero.register_external_parameter(module, model.token_embedding.weight)
         module, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
-    torch.cuda.synchronize()
+    synchronize()
     result["init_s"] = time.perf_counter() - init_start_s
     result["init_io"] = io_delta(io_start, proc_io())
     result["deepspeed_config"] = config
 
     batches = _batches(shape.vocab_size, args.batch_size, args.seq_len, device, args.seed)
-    torch.cuda.reset_peak_memory_stats(device)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     steps = []
     try:
         for step in range(1, args.steps + 1):
             micro_batches = [next(batches) for _ in range(args.grad_accum)]
             io_before = proc_io()
             disk_before = disk_sectors(args.nvme_dir) if args.nvme_dir else None
-            torch.cuda.synchronize()
+            synchronize()
             start_s = time.perf_counter()
             loss_sum = 0.0
             for input_ids_BS, labels_BS in micro_batches:
                 if args.mode == "pytorch":
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                    with torch.autocast(device.type, dtype=torch.bfloat16):
                         logits_BSV = module(input_ids_BS)
                     loss = causal_lm_loss_sum(logits_BSV, labels_BS) / (labels_BS.numel() * args.grad_accum)
                     loss.backward()
@@ -375,7 +381,7 @@ def run(args: argparse.Namespace) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_value = float(loss_sum) / (1 if args.mode == "pytorch" else args.grad_accum)
-            torch.cuda.synchronize()
+            synchronize()
             step_s = time.perf_counter() - start_s
             disk_after = disk_sectors(args.nvme_dir) if args.nvme_dir else None
             steps.append({
@@ -388,7 +394,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"step {step}: {step_s:.2f} s loss {loss_value:.4f} io {steps[-1]['io']}", file=sys.stderr, flush=True)
     except torch.cuda.OutOfMemoryError as error:
         return {**result, "fits": False, "reason": f"CUDA out of memory in step {len(steps) + 1}: {str(error)[:300]}",
-                "peak_vram_allocated_bytes": torch.cuda.max_memory_allocated(device), "steps": steps}
+                "peak_vram_allocated_bytes": torch.cuda.max_memory_allocated(device) if on_gpu else 0, "steps": steps}
     result["swap_files"] = swap_file_bytes(args.nvme_dir) if args.mode == "zero-infinity" else None
     result["total_io"] = io_delta(io_start, proc_io())
     disk_end = disk_sectors(args.nvme_dir) if args.nvme_dir else None
@@ -401,8 +407,8 @@ def run(args: argparse.Namespace) -> dict:
         **throughput(num_parameters, tokens_per_step, [s["step_s"] for s in steps], args.warmup_steps),
         ssd_read_bytes_per_step=sum(s["io"].get("read_bytes", 0) for s in timed) / len(timed),
         ssd_write_bytes_per_step=sum(s["io"].get("write_bytes", 0) for s in timed) / len(timed),
-        peak_vram_allocated_bytes=torch.cuda.max_memory_allocated(device),
-        peak_vram_reserved_bytes=torch.cuda.max_memory_reserved(device),
+        peak_vram_allocated_bytes=torch.cuda.max_memory_allocated(device) if on_gpu else 0,
+        peak_vram_reserved_bytes=torch.cuda.max_memory_reserved(device) if on_gpu else 0,
         peak_rss_bytes=peak_rss_bytes(),
     )
     return result
@@ -464,7 +470,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aio-intra-op-parallelism", type=int, default=AIO_DEFAULTS.intra_op_parallelism)
     parser.add_argument("--sub-group-size", type=int, default=100_000_000)
     parser.add_argument("--deepspeed-log-level", default="WARNING")
-    parser.add_argument("--dist-backend", default="nccl", help="torch.distributed backend of the one-process group")
+    parser.add_argument("--dist-backend", default=None, help="torch.distributed backend of the one-process group "
+                        "(default nccl on cuda, gloo on cpu)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: check the plumbing on a machine without a GPU (DeepSpeed's CPU accelerator); no timing meaning")
     parser.add_argument("--json-out", default=None, help="also write the result object here")
     parser.add_argument("--aio-sweep", action="store_true", help="only time the aio settings under --nvme-dir")
     parser.add_argument("--aio-sweep-bytes", type=int, default=GIB, help="bytes written and read per aio setting")

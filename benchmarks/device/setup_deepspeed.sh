@@ -35,6 +35,11 @@ export LIBRARY_PATH=$DS_LIBAIO/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export LD_LIBRARY_PATH=$DS_LIBAIO/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export CFLAGS="-I$DS_LIBAIO/include${CFLAGS:+ $CFLAGS}"
 export LDFLAGS="-L$DS_LIBAIO/lib${LDFLAGS:+ $LDFLAGS}"
+# The image sets TORCH_CUDA_ARCH_LIST with an arch-specific suffix ("9.0a"), which DeepSpeed 0.19.8's JIT
+# builder cannot parse (int("0a")); the ops it builds here have no kernels that need the suffix.
+if [ -n "$TORCH_CUDA_ARCH_LIST" ]; then
+    export TORCH_CUDA_ARCH_LIST=$(echo "$TORCH_CUDA_ARCH_LIST" | sed -E 's/([0-9])[a-z]+/\1/g')
+fi
 # The GPU machine's NCCL must keep NVLink multicast off (KINDS.md); a single GPU needs none of it anyway.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p "$TORCH_EXTENSIONS_DIR"
