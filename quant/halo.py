@@ -94,11 +94,14 @@ def _quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool):
     """(x_fp8 [R, C] or None, x_fp8^T contiguous [C, R] or None, scale) with x ≈ x_fp8 * scale.
 
     No clamp is needed before the cast: |x| / scale <= 448 up to one rounding, and e4m3fn rounds anything
-    below 464 to at most 448 (only values >= 464 would become NaN).
+    below 464 to at most 448 (only values >= 464 would become NaN). The scaling is done in fp32 so that a
+    bf16 x is rounded once, straight to e4m3: a bf16 product would round twice, which moved ~2.5% of the
+    values by one e4m3 step and made eager (CPU) and compiled (GPU) results differ by ~1.5% per GEMM.
+    Compiled, the fp32 product stays in registers and costs nothing; eager, it is one fp32 temporary.
     """
     amax = torch.linalg.vector_norm(x_RC, float("inf")).float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    x_fp8 = (x_RC * scale.reciprocal()).to(FP8_DTYPE)
+    x_fp8 = (x_RC.float() * scale.reciprocal()).to(FP8_DTYPE)
     return (x_fp8 if rows else None), (x_fp8.t().contiguous() if cols else None), scale
 
 

@@ -126,6 +126,16 @@ def test_quantize_fp8_maps_the_largest_magnitude_to_448_and_rounds_to_e4m3():
     assert quantize_fp8(torch.zeros(3))[1].item() == 1.0
 
 
+def test_quantize_fp8_of_bf16_rounds_once():
+    """A bf16 tensor is scaled in fp32 and rounded once to e4m3, exactly as its fp32 copy is (no detour
+    through a bf16 product, which would round twice and differ from the GPU's compiled quantizer)."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    from_bf16, scale_bf16 = quantize_fp8(x)
+    from_fp32, scale_fp32 = quantize_fp8(x.float())
+    assert torch.equal(scale_bf16, scale_fp32)
+    assert torch.equal(from_bf16.view(torch.uint8), from_fp32.view(torch.uint8))
+
+
 def gemm_case(seed, tokens=24, in_features=28 * 8, out_features=96, dtype=torch.float64):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, in_features, generator=generator, dtype=dtype)
