@@ -4,7 +4,8 @@
                               [--e2e-levels 0 1] [--skip-gemm] [--skip-e2e] [--json PATH]
 
 Part 1, per GEMM. For each block linear of the preset (x_TI [T, I], W_OI [O, I], T = batch x seq) it
-times, with CUDA events after a warm-up (median of `--repeats`):
+times, with CUDA events around 8 back-to-back calls after a warm-up (median of `--repeats`; the
+results recorded at e0dbf8b timed one call at a time, see TIMING):
     bf16       y = x W^T, dX = dY W, dW = dY^T X as plain bf16 matmuls (what autocast runs);
     fp8 GEMM   torch._scaled_mm alone on operands already quantized and laid out: the floor HALO can reach;
     halo Lk    quant.halo.halo_matmul at level k, everything included (rotations, amax, scale, cast, the
@@ -52,19 +53,29 @@ def linear_shapes(preset: str) -> list[tuple[str, int, int]]:
             for name, m in model.blocks[0].named_modules() if isinstance(m, nn.Linear)]
 
 
-def time_ms(run, *, setup=None, repeats: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of `run()` between two CUDA events; `setup()` runs before each, untimed."""
+# Calls timed back to back per sample. HALO's autograd.Function and compiled-quantizer guards cost host
+# time per call; timed one call at a time (batch 1, how the first results were taken) the GPU can sit
+# idle waiting for launches, which training, where the host runs ahead, does not see.
+TIMING = {"batch": 8}
+
+
+def time_ms(run, *, setup=None, repeats: int = 20, warmup: int = 3, batch: int | None = None) -> float:
+    """Median milliseconds per call of `run(state)` between two CUDA events around `batch` back-to-back
+    calls; each call's `state` comes from `setup()`, run untimed before the events."""
+    batch = batch or TIMING["batch"]
     times = []
     for index in range(warmup + repeats):
-        state = setup() if setup is not None else None
+        states = [setup() if setup is not None else None for _ in range(batch)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run(state)
+        for state in states:
+            run(state)
         end.record()
+        del states
         if index >= warmup:
             times.append((start, end))
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in times)
+    return statistics.median(start.elapsed_time(end) for start, end in times) / batch
 
 
 def gemm_rows(tokens: int, shapes, levels, repeats: int, quantizers) -> list[dict]:
@@ -271,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-quantizer", default="auto", choices=["auto", "compiled", "eager"],
                         help="auto: the faster one in part 1 (compiled when part 1 is skipped)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--timing-batch", type=int, default=TIMING["batch"], help="calls timed back to back per sample")
     parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
@@ -293,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
 
     from quant.halo import compiled_quantizer_failed
+
+    TIMING["batch"] = args.timing_batch
+    result["timing_batch"] = args.timing_batch
 
     if not args.skip_gemm:
         tokens = args.batch_size * args.seq_len
