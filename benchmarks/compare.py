@@ -16,8 +16,9 @@ the shape, `metrics` (one object per system: status, step times and losses, mean
 tokens/s, model TFLOPS (6·N·tokens/s), hardware TFLOPS (8·N·tokens/s: every block's forward is recomputed
 on both sides), peak VRAM allocated/reserved, peak RSS, SSD bytes read/written per timed step, swap-file
 bytes, wall seconds), `baseline` (the system the case's goal is stated against) and `ratio` (Fuyou's model
-TFLOPS over each baseline's). The logs of every child go to $OUT (the device tool's folder) or a
-temporary directory.
+TFLOPS over each baseline's). Each child's log and JSON go to a temporary directory, archived as
+$OUT/<case>-logs.tar.gz where $OUT is set (the device tool's folder, which returns at most 8 files);
+benchmarks.run copies the result to $OUT/<case>.json too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -175,11 +177,14 @@ def run_child(command: list[str], timeout_s: float, log_path: Path) -> tuple[int
     return code, time.perf_counter() - start_s, usage.ru_maxrss * 1024
 
 
-def run_comparison(comparison: Comparison, only_systems: list[str], ssd_dir: Path) -> dict:
-    """Runs comparison.systems() (those in `only_systems`, if any) one after another; the issue-6 result."""
+def run_comparison(comparison: Comparison, only_systems: list[str], ssd_dir: Path, baseline_args: list[str] = ()) -> dict:
+    """Runs comparison.systems() (those in `only_systems`, if any) one after another; the issue-6 result.
+
+    `baseline_args` are appended to every DeepSpeed baseline's command (e.g. --no-pipeline).
+    """
     from benchmarks.run import _commit, _device_name
 
-    log_dir = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="fuyou-compare-"))
+    log_dir = Path(tempfile.mkdtemp(prefix=f"fuyou-compare-{comparison.name}-"))
     systems = [system for system in comparison.systems() if not only_systems or system in only_systems]
     metrics: dict[str, dict] = {}
     for system in systems:
@@ -190,7 +195,7 @@ def run_comparison(comparison: Comparison, only_systems: list[str], ssd_dir: Pat
             command = [sys.executable, "-m", "benchmarks.run", "--case", comparison.fuyou_case,
                        "--set", f"offload.ssd_dir={swap_dir}", "--json-out", str(json_out)]
         else:
-            command = comparison.baseline_command(system, str(swap_dir), str(json_out))
+            command = [*comparison.baseline_command(system, str(swap_dir), str(json_out)), *baseline_args]
         print(f"[{comparison.name}] {system}: {shlex.join(command)}", flush=True)
         json_out.unlink(missing_ok=True)
         swap_dir.mkdir(parents=True, exist_ok=True)
@@ -208,6 +213,10 @@ def run_comparison(comparison: Comparison, only_systems: list[str], ssd_dir: Pat
         metrics[system] = entry
         rate = f", {entry['model_tflops']:.1f} model TFLOPS" if "model_tflops" in entry else ""
         print(f"[{comparison.name}] {system}: {entry['status']} in {wall_s:.0f} s{rate}", flush=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:  # the device tool returns at most 8 files: one archive of the children's logs per case
+        with tarfile.open(Path(out_dir) / f"{comparison.name}-logs.tar.gz", "w:gz") as archive:
+            archive.add(log_dir, arcname=f"{comparison.name}-logs")
     return {
         "case": comparison.name,
         "description": comparison.description,
@@ -215,7 +224,8 @@ def run_comparison(comparison: Comparison, only_systems: list[str], ssd_dir: Pat
         "date": datetime.date.today().isoformat(),
         "commit": _commit(),
         "command": shlex.join(["python", "-m", "benchmarks.run", "--case", comparison.name,
-                               *[arg for system in only_systems for arg in ("--system", system)]]),
+                               *[arg for system in only_systems for arg in ("--system", system)],
+                               *[f"--baseline-arg={arg}" for arg in baseline_args]]),
         "caps": {"gpu_memory_gb": comparison.gpu_memory_gb, "cpu_memory_gb": comparison.cpu_memory_gb, "cpu_cap_enforced": False},
         "shape": {"preset": comparison.preset, "batch_size": comparison.batch_size, "grad_accum": comparison.grad_accum,
                   "seq_len": comparison.seq_len, "steps": comparison.steps, "timed_steps": list(range(2, comparison.steps + 1))},

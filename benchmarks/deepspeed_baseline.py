@@ -29,7 +29,12 @@ Modes and why each DeepSpeed setting (DeepSpeed 0.19.8):
         - `sub_group_size` 1e8 elements: the optimizer swaps and steps one sub-group at a time; the
           default 1e9 pins 4 × 1e9 × 4 B = 16 GB of buffers, more than the RAM cap allows.
         - `pipeline_read`/`pipeline_write` true: overlap the next sub-group's read and the previous one's
-          write with the CPU Adam step (ZeRO-Infinity's overlap; off by default).
+          write with the CPU Adam step (ZeRO-Infinity's overlap; off by default). The pipelined swapper
+          holds three sub-groups' fp32 master and moments at once, plus buffers for the moments the first
+          step creates: with the default `buffer_count` 4 it asserts "ran out of swap buffers" in step 1
+          (seen on the H100 at 1.3B), 8 fails in step 2, 12 runs (checked on the CPU with 11 sub-groups);
+          `buffer_count` 16 keeps a margin: 16 × 1e8 × 4 B = 6.4 GB pinned. `--no-pipeline` falls back
+          to DeepSpeed's unpipelined default (buffer_count 4 suffices there).
         - `pin_memory` true for both: page-locked staging buffers, needed for async DMA.
     zero-offload   ZeRO stage 2 with `offload_optimizer` on the CPU (pinned): bf16 weights and
         gradients on the GPU, fp32 masters and moments in RAM, DeepSpeedCPUAdam (the ZeRO-Offload
@@ -70,14 +75,18 @@ BETAS, EPS, WEIGHT_DECAY, MAX_GRAD_NORM = (0.9, 0.95), 1e-8, 0.1, 1.0
 # Bytes per parameter of plain mixed-precision training with fp32 weights: weight, gradient, two moments.
 PYTORCH_BYTES_PER_PARAM = 16
 RESULT_PREFIX = "DEEPSPEED_BASELINE_RESULT "
+OPTIMIZER_BUFFER_COUNT = 16  # see "pipeline_read" in the module docstring
 
 
 @dataclass(frozen=True)
 class AioSettings:
     """DeepSpeed's `aio` block. block_size is bytes; the rest are counts.
 
-    Defaults: the best of `--aio-sweep` on the H100 machine's disk (HARDWARE.md: one virtio disk,
-    best with 8 MiB requests from several threads); re-run the sweep on another disk.
+    Defaults: the best of `--aio-sweep` on the H100 machine's disk, 2026-11-24 (512 MiB per setting,
+    queue depth 32; GB/s write / read): 1 MiB × 1 thread 1.09 / 1.53, 1 MiB × 4 threads 1.60 / 1.16,
+    8 MiB × 1 thread 1.28 / 1.17, 8 MiB × 4 threads 1.83 / 1.39 — the best write and the best sum,
+    as HARDWARE.md's dd sweep found (8 MiB requests from several threads). Re-run the sweep on
+    another disk.
     """
 
     block_size: int = 8 << 20
@@ -100,6 +109,8 @@ def deepspeed_config(
     largest_param_numel: int = 0,
     aio: AioSettings = AIO_DEFAULTS,
     sub_group_size: int = 100_000_000,
+    optimizer_buffer_count: int = OPTIMIZER_BUFFER_COUNT,
+    pipeline: bool = True,
 ) -> dict:
     """The DeepSpeed config dict for `mode` (see the module docstring for each choice).
 
@@ -112,6 +123,8 @@ def deepspeed_config(
         largest_param_numel: elements of the largest parameter; sizes the NVMe parameter buffers.
         aio: the async I/O settings.
         sub_group_size: elements per optimizer sub-group (stage 3).
+        optimizer_buffer_count: pinned sub-group buffers of the NVMe optimizer swapper.
+        pipeline: overlap optimizer swap-in/out with the CPU Adam step (pipeline_read/pipeline_write).
 
     Raises:
         ValueError: unknown mode, or zero-infinity without nvme_dir.
@@ -147,9 +160,9 @@ def deepspeed_config(
                 "device": "nvme",
                 "nvme_path": str(nvme_dir),
                 "pin_memory": True,
-                "buffer_count": 4,
-                "pipeline_read": True,
-                "pipeline_write": True,
+                "buffer_count": optimizer_buffer_count,
+                "pipeline_read": pipeline,
+                "pipeline_write": pipeline,
             },
             "sub_group_size": sub_group_size,
             "overlap_comm": True,
@@ -338,7 +351,8 @@ def run(args: argparse.Namespace) -> dict:
         aio = AioSettings(args.aio_block_size, args.aio_queue_depth, args.aio_intra_op_parallelism)
         config = deepspeed_config(args.mode, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                                   nvme_dir=args.nvme_dir, largest_param_numel=largest_param_numel, aio=aio,
-                                  sub_group_size=args.sub_group_size)
+                                  sub_group_size=args.sub_group_size, optimizer_buffer_count=args.optimizer_buffer_count,
+                                  pipeline=not args.no_pipeline)
         deepspeed.init_distributed(dist_backend=args.dist_backend or ("nccl" if on_gpu else "gloo"))
         # The head multiplies by token_embedding.weight outside that module's forward: ZeRO-3 must gather it
         # for the whole forward of the wrapper, not only for the embedding lookup.
@@ -469,6 +483,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aio-queue-depth", type=int, default=AIO_DEFAULTS.queue_depth)
     parser.add_argument("--aio-intra-op-parallelism", type=int, default=AIO_DEFAULTS.intra_op_parallelism)
     parser.add_argument("--sub-group-size", type=int, default=100_000_000)
+    parser.add_argument("--optimizer-buffer-count", type=int, default=OPTIMIZER_BUFFER_COUNT)
+    parser.add_argument("--no-pipeline", action="store_true", help="zero-infinity: no pipeline_read/pipeline_write")
     parser.add_argument("--deepspeed-log-level", default="WARNING")
     parser.add_argument("--dist-backend", default=None, help="torch.distributed backend of the one-process group "
                         "(default nccl on cuda, gloo on cpu)")

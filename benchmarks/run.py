@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comparisons: run only these systems (fuyou, zero-infinity, zero-offload, pytorch; repeatable)")
     parser.add_argument("--ssd-dir", default=os.environ.get("FUYOU_BENCH_SSD_DIR", "/root/fuyou-bench"),
                         help="comparisons: every system's swap files go under this directory (on the disk to measure)")
+    parser.add_argument("--baseline-arg", action="append", default=[], metavar="ARG",
+                        help="comparisons: extra argument for every DeepSpeed baseline (e.g. --baseline-arg=--no-pipeline)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="cases: overrides after the case's own (e.g. offload.ssd_dir=/mnt/nvme/fuyou)")
     parser.add_argument("--json-out", default=None, help="cases: write the result here, not benchmarks/results/<case>.json")
@@ -226,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, comparison_rows = [], []
     for name in args.case:
         if name in comparisons:
-            result = run_comparison(comparisons[name], args.system, Path(args.ssd_dir))
-            (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            result = run_comparison(comparisons[name], args.system, Path(args.ssd_dir), args.baseline_arg)
+            for directory in (RESULTS_DIR, *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])):
+                (directory / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
             comparison_rows.append(result)
             print(f"done {name}: Fuyou / system, model TFLOPS: {json.dumps(result['ratio'])}", flush=True)
             continue

@@ -33,6 +33,10 @@ def test_zero_infinity_config_swaps_weights_and_optimizer_to_nvme(tmp_path):
         assert zero[section]["nvme_path"] == str(tmp_path)
         assert zero[section]["pin_memory"] is True
     assert zero["offload_param"]["max_in_cpu"] == 0  # nothing kept in RAM: the run must swap
+    # The pipelined optimizer swapper runs out of buffers below ~12 (see the module docstring).
+    assert zero["offload_optimizer"]["pipeline_read"] and zero["offload_optimizer"]["buffer_count"] >= 12
+    unpipelined = deepspeed_config("zero-infinity", batch_size=8, grad_accum=2, lr=1e-4, nvme_dir=str(tmp_path), pipeline=False)
+    assert not unpipelined["zero_optimization"]["offload_optimizer"]["pipeline_write"]
     # DeepSpeed refuses a parameter buffer smaller than the largest parameter (the tied embedding).
     assert zero["offload_param"]["buffer_size"] >= 131_000_000
     assert zero["offload_param"]["buffer_size"] % (1 << 20) == 0
