@@ -10,7 +10,8 @@ driven block by block exactly as Fuyou drives it (`embed`, each of `blocks`, `he
 checkpointed (`torch.utils.checkpoint`, re-entrant: the variant Hugging Face runs under ZeRO-3), so
 both sides recompute each block's forward once in backward. Data are uniform random token ids over the
 model's vocabulary with the next id as the target, batch × seq_len per micro-batch; throughput does not
-depend on the values. The loss is Fuyou's (`fuyou.reference.causal_lm_loss_sum`, fp32, token mean).
+depend on the values. The loss is Fuyou's (`fuyou.reference.causal_lm_loss_sum`, fp32, token mean),
+computed in checkpointed chunks of 4096 tokens as Fuyou's schedule does, so neither side holds all logits.
 
 Modes and why each DeepSpeed setting (DeepSpeed 0.19.8):
     zero-infinity  ZeRO stage 3 with `offload_param` and `offload_optimizer` both on NVMe under
@@ -75,6 +76,7 @@ BETAS, EPS, WEIGHT_DECAY, MAX_GRAD_NORM = (0.9, 0.95), 1e-8, 0.1, 1.0
 # Bytes per parameter of plain mixed-precision training with fp32 weights: weight, gradient, two moments.
 PYTORCH_BYTES_PER_PARAM = 16
 RESULT_PREFIX = "DEEPSPEED_BASELINE_RESULT "
+HEAD_CHUNK_TOKENS = 4096  # as fuyou.schedule.HEAD_CHUNK_TOKENS: bounds the logits, keeps the head GEMM large
 OPTIMIZER_BUFFER_COUNT = 16  # see "pipeline_read" in the module docstring
 
 
@@ -256,23 +258,36 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def checkpointed_module(model):
-    """An nn.Module whose forward(input_ids_BS) is `model`'s logits_BSV, driven as Fuyou drives it (embed,
-    each block under re-entrant checkpointing, head); kept apart from fuyou.models, which knows nothing of
-    training."""
+def checkpointed_module(model, head_chunk_tokens: int = HEAD_CHUNK_TOKENS):
+    """An nn.Module whose forward(input_ids_BS, labels_BS) is the summed fp32 token cross-entropy of `model`,
+    driven as Fuyou drives it: embed, each block under re-entrant checkpointing, then the head and loss in
+    chunks of `head_chunk_tokens` tokens, each checkpointed, so the B×S×V logits never exist at once
+    (Fuyou's schedule bounds them the same way). Kept apart from fuyou.models, which knows nothing of training.
+    """
     import torch
     from torch.utils.checkpoint import checkpoint
+
+    from fuyou.reference import causal_lm_loss_sum
 
     class _Checkpointed(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids_BS):
+        def _head_loss_sum(self, x_BSD, labels_BS):
+            return causal_lm_loss_sum(self.inner.head(x_BSD), labels_BS)
+
+        def forward(self, input_ids_BS, labels_BS):
             x_BSD = self.inner.embed(input_ids_BS)
             for block in self.inner.blocks:
                 x_BSD = checkpoint(block, x_BSD, use_reentrant=True)
-            return self.inner.head(x_BSD)
+            rows = max(1, head_chunk_tokens // x_BSD.shape[1])
+            # Non-re-entrant here: the tied embedding weight is used by the lookup and by every chunk, and a
+            # re-entrant chunk would run its own backward, delivering that weight's gradient more than once
+            # per step, which ZeRO-3 refuses (a parameter twice in one reduce bucket).
+            chunks = [checkpoint(self._head_loss_sum, x_BSD[row : row + rows], labels_BS[row : row + rows], use_reentrant=False)
+                      for row in range(0, x_BSD.shape[0], rows)]
+            return torch.stack(chunks).sum()
 
     return _Checkpointed(model)
 
@@ -293,8 +308,6 @@ def run(args: argparse.Namespace) -> dict:
 
     from fuyou.models import build_model
     from fuyou.models.presets import get_preset
-    from fuyou.reference import causal_lm_loss_sum
-
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     on_gpu = device.type == "cuda"
     cap_bytes = int(args.gpu_memory_gb * GIB)
@@ -379,16 +392,13 @@ def run(args: argparse.Namespace) -> dict:
             for input_ids_BS, labels_BS in micro_batches:
                 if args.mode == "pytorch":
                     with torch.autocast(device.type, dtype=torch.bfloat16):
-                        logits_BSV = module(input_ids_BS)
-                    loss = causal_lm_loss_sum(logits_BSV, labels_BS) / (labels_BS.numel() * args.grad_accum)
+                        loss = module(input_ids_BS, labels_BS) / (labels_BS.numel() * args.grad_accum)
                     loss.backward()
                 else:
-                    logits_BSV = module(input_ids_BS)
                     # DeepSpeed divides by gradient_accumulation_steps itself: pass the micro-batch mean.
-                    loss = causal_lm_loss_sum(logits_BSV, labels_BS) / labels_BS.numel()
+                    loss = module(input_ids_BS, labels_BS) / labels_BS.numel()
                     module.backward(loss)
                     module.step()
-                del logits_BSV
                 loss_sum += loss.detach()
             if args.mode == "pytorch":
                 torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_GRAD_NORM)

@@ -21,6 +21,7 @@ from benchmarks.run import CASES
 from fuyou.config import TrainConfig
 from fuyou.models import build_model
 from fuyou.models.presets import get_preset
+from fuyou.reference import causal_lm_loss_sum
 
 
 def test_zero_infinity_config_swaps_weights_and_optimizer_to_nvme(tmp_path):
@@ -96,14 +97,20 @@ def test_io_helpers(tmp_path):
         assert "write_bytes" in deepspeed_baseline.proc_io()
 
 
-def test_baseline_wrapper_computes_the_models_logits():
+def test_baseline_wrapper_computes_the_models_loss_in_chunks():
+    """Chunked, checkpointed head: the same loss and gradients as the model's plain forward."""
     model = build_model(get_preset("tiny-gpt3"), seed=0)
-    wrapped = deepspeed_baseline.checkpointed_module(model)
-    input_ids_BS = torch.randint(0, 512, (2, 16))
-    torch.testing.assert_close(wrapped(input_ids_BS), model(input_ids_BS))
-    # Re-entrant checkpointing still reaches every parameter's gradient.
-    wrapped(input_ids_BS).float().sum().backward()
-    assert all(parameter.grad is not None for parameter in model.parameters())
+    wrapped = deepspeed_baseline.checkpointed_module(model, head_chunk_tokens=32)  # 2 rows of 16 per chunk
+    input_ids_BS, labels_BS = torch.randint(0, 512, (5, 16)), torch.randint(0, 512, (5, 16))
+    expected = causal_lm_loss_sum(model(input_ids_BS), labels_BS)
+    expected.backward()
+    expected_grads = [parameter.grad.clone() for parameter in model.parameters()]
+    model.zero_grad()
+    loss = wrapped(input_ids_BS, labels_BS)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()  # re-entrant checkpointing still reaches every parameter
+    for parameter, grad in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(parameter.grad, grad)
 
 
 def test_pytorch_mode_reports_does_not_fit_without_running(tmp_path, monkeypatch):
