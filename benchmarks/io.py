@@ -458,10 +458,11 @@ def concurrent(directory: str, backends: list[str], cell_bytes: int, block_bytes
 
 def summarize(results: dict) -> tuple[list[dict], str]:
     """Goal ratios and the Markdown table."""
-    raw_write = max((row["write_gbps"] for row in results["raw_dd"]), default=float("nan"))
-    raw_read = max((row["read_gbps"] for row in results["raw_dd"]), default=float("nan"))
-    dd_blocks = ", ".join(sorted({f"{row['block_MiB']:g}" for row in results["raw_dd"]}, key=float))
-    dd_jobs = ", ".join(sorted({str(row["num_jobs"]) for row in results["raw_dd"]}, key=int))
+    raw_dd = results.get("raw_dd", [])
+    raw_write = max((row["write_gbps"] for row in raw_dd), default=float("nan"))
+    raw_read = max((row["read_gbps"] for row in raw_dd), default=float("nan"))
+    dd_blocks = ", ".join(sorted({f"{row['block_MiB']:g}" for row in raw_dd}, key=float))
+    dd_jobs = ", ".join(sorted({str(row["num_jobs"]) for row in raw_dd}, key=int))
     lines = [
         "| measurement | measured | reference | ratio | goal |",
         "|---|---|---|---|---|",
@@ -476,7 +477,7 @@ def summarize(results: dict) -> tuple[list[dict], str]:
         lines.append(f"| {name} | {measured:.2f} {unit} | {reference:.2f} {unit} | {ratio:.2f} | >= {goal} {'met' if ratio >= goal else 'MISSED'} |")
 
     by_backend = collections.defaultdict(list)
-    for row in results["store_ssd"]:
+    for row in results.get("store_ssd", []):
         by_backend[row["backend"]].append(row)
     for backend, rows in by_backend.items():
         for direction, raw in (("write", raw_write), ("read", raw_read)):
@@ -507,7 +508,7 @@ def summarize(results: dict) -> tuple[list[dict], str]:
 
 def grid_table(results: dict) -> str:
     lines = ["| backend | block MiB | in flight | write GB/s | read GB/s |", "|---|---|---|---|---|"]
-    for row in results["store_ssd"]:
+    for row in results.get("store_ssd", []):
         lines.append(f"| {row['backend']} | {row['block_MiB']:g} | {row['in_flight']} | {row['write_gbps']:.2f} | {row['read_gbps']:.2f} |")
     return "\n".join(lines)
 
@@ -556,7 +557,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="where to write results (default benchmarks/results/io-<date>-<device>.json)")
     parser.add_argument("--backends", default="auto", help="comma list of posix,kvikio; auto: posix plus kvikio where it loads")
     parser.add_argument("--io-threads", type=int, default=16)
+    parser.add_argument("--only", default=None, help="comma list of cases to run: store_pcie, concurrent, raw_dd, store_ssd, ssd_to_gpu (default: all)")
     args = parser.parse_args(argv)
+    selected = set(args.only.split(",")) if args.only else None
 
     has_cuda = torch.cuda.is_available()
     backends = ["posix"] + (["kvikio"] if kvikio_importable() else []) if args.backends == "auto" else args.backends.split(",")
@@ -579,6 +582,8 @@ def main(argv: list[str] | None = None) -> dict:
     def case(key: str, name: str, fn) -> None:
         """Run one case into results[key]; a failure is recorded and the remaining cases still run,
         and the JSON is saved after every case (device time is scarce: a timeout keeps what ran)."""
+        if selected is not None and key not in selected:
+            return
         print(name, flush=True)
         try:
             results.setdefault(key, []).extend(fn())

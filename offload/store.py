@@ -14,7 +14,9 @@ and checksums are off; SSD <-> CPU goes straight into the CPU tensor when the st
 Ordering invariant: a move waits for the moves issued before it that write its src (read after
 write) or that read or write its dst (write after read, write after write), per tensor storage or
 SSD extent; so a fetch issued after a write-back reads the new bytes, and a write-back never
-overwrites bytes a fetch is still reading. Moves that only read the same source run concurrently,
+overwrites bytes a fetch is still reading. Between CUDA copies the wait is on the GPU (the copy
+stream waits on the earlier copies' events) and the move is issued at once; otherwise the host
+issues it when the moves it waits for are done. Moves that only read the same source run concurrently,
 and so do moves on different tensors. Work the caller issued on its current CUDA stream
 before `copy()` is finished before the copy reads or overwrites GPU memory.
 
@@ -249,8 +251,16 @@ class TieredStore:
             # Read after write on src; write after write and write after read on dst.
             previous = [f for f in (self._writer.get(src_key), self._writer.get(dst_key)) if f is not None]
             previous += self._readers.get(dst_key, [])
-            start = lambda: self._start(dst, src, staging, ready)  # noqa: E731
-            move = then(gather(previous), start) if previous else _call(start)
+            events = [getattr(f, "cuda_event", None) for f in previous]
+            if previous and ready is not None and staging is None and not _on_ssd(dst, src) and None not in events:
+                # Every earlier move it must follow is a CUDA copy already issued: order it after them
+                # on the GPU (their events) and issue now, instead of from the host once they are done.
+                # That saves a waiter wake-up and a Python re-issue per move, which cost small moves
+                # (16 MiB: 0.3 ms on the link) up to half the link (issue-3 table).
+                move = _call(lambda: self._memory_leg(_as_u8(dst), _as_u8(src), [ready, *events]))
+            else:
+                start = lambda: self._start(dst, src, staging, ready)  # noqa: E731
+                move = then(gather(previous), start) if previous else _call(start)
             if staging is not None:
                 move = finally_(move, lambda: self.pool.release(staging))
             self._writer[dst_key] = move
@@ -446,6 +456,10 @@ class TieredStore:
 
 def _on_gpu(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_cuda
+
+
+def _on_ssd(*xs) -> bool:
+    return any(isinstance(x, SSDTensor) for x in xs)
 
 
 def _call(start) -> Future:

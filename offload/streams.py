@@ -84,18 +84,22 @@ class CopyEngine:
         """A future done once `event` has happened (used before kvikio touches device memory)."""
         return self._waiters[self.d2h_stream].submit(event)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None) -> tuple[str, Future]:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after) -> tuple[str, Future]:
         """Copy `src` into `dst` (same shape and dtype); returns the direction's name and a future.
 
-        `after`: an event the copy's stream waits on first (from `producer_event`).
+        `after`: an event, or a list of events, the copy's stream waits on first (from
+        `producer_event`, or earlier copies' `future.cuda_event`). A CUDA copy's future carries the
+        event recorded after it as `future.cuda_event`, so a later copy that must follow it can
+        wait on the GPU instead of on the host (see `TieredStore.copy`).
         """
         if not (dst.is_cuda or src.is_cuda):
             return "h2h", self._host_pool.submit(dst.copy_, src)
         kind = "d2d" if dst.is_cuda and src.is_cuda else "h2d" if dst.is_cuda else "d2h"
         stream = self.d2h_stream if kind == "d2h" else self.h2d_stream
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
-            if after is not None:
-                stream.wait_event(after)
+            for event in after if isinstance(after, list) else [after]:
+                if event is not None:
+                    stream.wait_event(event)
             began = self._timing_event(stream) if self.device_timings is not None else None
             dst.copy_(src, non_blocking=True)
             # Keep the caching allocator from handing these blocks to another stream before the
@@ -106,7 +110,9 @@ class CopyEngine:
             done = self._record(stream)
             if began is not None:
                 self.device_timings.append((kind, began, self._timing_event(stream), src.numel() * src.element_size()))
-        return kind, self._waiters[stream].submit(done)
+        future = self._waiters[stream].submit(done)
+        future.cuda_event = done
+        return kind, future
 
     @staticmethod
     def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:

@@ -75,3 +75,26 @@ def test_gpu_cap(tmp_path):
             store.free(kept)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_chained_copies_are_ordered_on_the_gpu():
+    """Copies that must follow earlier CUDA copies are issued at once, ordered by events on the GPU.
+
+    One device buffer is written from host buffer i and read back into output i, round after round:
+    each H2D must wait for the previous D2H to have read the buffer (write after read, across the
+    two streams), and each D2H for its H2D (read after write). Every output must hold its own input.
+    """
+    rounds, numel = 64, 1 << 20
+    generator = torch.Generator().manual_seed(1)
+    with TieredStore(cpu_cap_bytes=4 * rounds * numel * 4) as store:
+        inputs = [store.empty((numel,), torch.float32, "cpu").copy_(torch.randn(numel, generator=generator)) for _ in range(rounds)]
+        outputs = [store.empty((numel,), torch.float32, "cpu") for _ in range(rounds)]
+        shared = store.empty((numel,), torch.float32, "gpu")
+        futures = []
+        for i in range(rounds):
+            store.copy(shared, inputs[i])
+            futures.append(store.copy(outputs[i], shared))
+        # Every move is already issued to a copy stream (none waits on the host): each carries its event.
+        assert all(getattr(store._writer.get(key), "cuda_event", True) is not None for key in list(store._writer))
+        for i, future in enumerate(futures):
+            assert torch.equal(future.result(timeout=60), inputs[i]), f"round {i} read another round's bytes"
