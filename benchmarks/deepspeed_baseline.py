@@ -25,7 +25,8 @@ Modes and why each DeepSpeed setting (DeepSpeed 0.19.8):
           on the H100 machine's one virtio disk (see AIO_DEFAULTS); `single_submit` false and
           `overlap_events` true are DeepSpeed's defaults and its tuner's usual winners.
         - `offload_param.buffer_size`: at least the largest parameter (the 50257-row tied embedding,
-          e.g. 131M elements at 2.7B; DeepSpeed refuses a smaller buffer), `buffer_count` 5 (default).
+          e.g. 131M elements at 2.7B; DeepSpeed refuses a smaller buffer), `buffer_count` 48 with
+          `stage3_max_live_parameters` / `max_reuse_distance` at two blocks (PARAM_BUFFER_COUNT).
           `max_in_cpu` 0 so that no weights stay in RAM: the run must really swap.
         - `sub_group_size` 1e8 elements: the optimizer swaps and steps one sub-group at a time; the
           default 1e9 pins 4 × 1e9 × 4 B = 16 GB of buffers, more than the RAM cap allows.
@@ -78,6 +79,10 @@ PYTORCH_BYTES_PER_PARAM = 16
 RESULT_PREFIX = "DEEPSPEED_BASELINE_RESULT "
 HEAD_CHUNK_TOKENS = 4096  # as fuyou.schedule.HEAD_CHUNK_TOKENS: bounds the logits, keeps the head GEMM large
 OPTIMIZER_BUFFER_COUNT = 16  # see "pipeline_read" in the module docstring
+# NVMe parameter swap buffers (one per live parameter): with the default 5 the first forward asserted
+# "Not enough buffers 0 for swapping 1" on the H100 at 1.3B (DeepSpeed's default live-parameter limits
+# keep the whole model live); 48 covers the ~12 tensors of each of the ~3 blocks live at once.
+PARAM_BUFFER_COUNT = 48
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ def deepspeed_config(
     lr: float,
     nvme_dir: str | None = None,
     largest_param_numel: int = 0,
+    largest_block_numel: int = 100_000_000,
     aio: AioSettings = AIO_DEFAULTS,
     sub_group_size: int = 100_000_000,
     optimizer_buffer_count: int = OPTIMIZER_BUFFER_COUNT,
@@ -123,6 +129,7 @@ def deepspeed_config(
         lr: constant learning rate.
         nvme_dir: swap directory; required for "zero-infinity".
         largest_param_numel: elements of the largest parameter; sizes the NVMe parameter buffers.
+        largest_block_numel: elements of one transformer block; bounds the live parameters.
         aio: the async I/O settings.
         sub_group_size: elements per optimizer sub-group (stage 3).
         optimizer_buffer_count: pinned sub-group buffers of the NVMe optimizer swapper.
@@ -154,10 +161,16 @@ def deepspeed_config(
                 "device": "nvme",
                 "nvme_path": str(nvme_dir),
                 "pin_memory": True,
-                "buffer_count": 5,
+                "buffer_count": PARAM_BUFFER_COUNT,
                 "buffer_size": param_buffer_numel,
                 "max_in_cpu": 0,
             },
+            # Each live parameter holds one swap buffer; DeepSpeed's defaults keep up to 1e9 elements
+            # live and reuse them within 1e9 elements, i.e. the whole model: cap both at about two
+            # blocks so that PARAM_BUFFER_COUNT buffers suffice.
+            "stage3_max_live_parameters": 2 * largest_block_numel,
+            "stage3_max_reuse_distance": 2 * largest_block_numel,
+            "stage3_prefetch_bucket_size": largest_block_numel,
             "offload_optimizer": {
                 "device": "nvme",
                 "nvme_path": str(nvme_dir),
@@ -345,6 +358,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = torch.float32 if args.mode == "pytorch" else torch.bfloat16
     model = build_model(shape, device="cpu", dtype=dtype, seed=args.seed)
     largest_param_numel = max(parameter.numel() for parameter in model.parameters())
+    largest_block_numel = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
     module = checkpointed_module(model)
     config = None
     if args.mode == "pytorch":
@@ -363,7 +377,8 @@ def run(args: argparse.Namespace) -> dict:
             Path(args.nvme_dir).mkdir(parents=True, exist_ok=True)
         aio = AioSettings(args.aio_block_size, args.aio_queue_depth, args.aio_intra_op_parallelism)
         config = deepspeed_config(args.mode, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                                  nvme_dir=args.nvme_dir, largest_param_numel=largest_param_numel, aio=aio,
+                                  nvme_dir=args.nvme_dir, largest_param_numel=largest_param_numel,
+                                  largest_block_numel=largest_block_numel, aio=aio,
                                   sub_group_size=args.sub_group_size, optimizer_buffer_count=args.optimizer_buffer_count,
                                   pipeline=not args.no_pipeline)
         deepspeed.init_distributed(dist_backend=args.dist_backend or ("nccl" if on_gpu else "gloo"))
