@@ -62,7 +62,8 @@ class TrainSummary:
     """What a finished (or interrupted) run did.
 
     Throughput averages exclude the first step, which pays one-time start-up (allocator warm-up,
-    kernel selection), unless the run had only one step. `measurement` (fuyou.measure) covers the
+    kernel selection), unless the run had only one step; with a `measurement`, throughput is its
+    window's (the steps after the first, each with its own optimizer updates, drained at both ends). `measurement` (fuyou.measure) covers the
     same steps and adds hardware TFLOPS, memory peaks, bytes moved and energy; `format()` prints it
     as `fuyou profile` does.
     """
@@ -88,6 +89,12 @@ class TrainSummary:
         seconds = sum(s.step_s for s in timed)
         tokens = sum(s.step_tokens for s in timed)
         tokens_per_s = tokens / seconds
+        model_tflops = sum(s.model_tflops * s.step_s for s in timed) / seconds
+        if measurement is not None:
+            # The measured window is exact where per-step times are not: a step's optimizer updates
+            # may run on into the next step (deferred after clipping), and the window starts with the
+            # first step's drained and ends with the last step's.
+            tokens_per_s, model_tflops = measurement.tokens_per_s, measurement.model_tflops
         return cls(
             steps=len(steps),
             first_loss=steps[0].loss,
@@ -95,7 +102,7 @@ class TrainSummary:
             tokens=steps[-1].tokens,
             tokens_per_s=tokens_per_s,
             s_per_10k_tokens=1e4 / tokens_per_s,
-            model_tflops=sum(s.model_tflops * s.step_s for s in timed) / seconds,
+            model_tflops=model_tflops,
             peak_gpu_bytes=max(s.peak_gpu_bytes for s in steps),
             peak_cpu_bytes=max(s.peak_cpu_bytes for s in steps),
             wall_s=wall_s,
