@@ -179,10 +179,10 @@ def main() -> None:
     out("- Internals swapping (Fuyou's finer policy) predicts more than the published TFLOPS at large batch: with the "
         "recompute gone the GPU executes 25% fewer FLOPs than the Megatron formula credits. That the published "
         "numbers stay under the 165.2 peak suggests the published runs recomputed most blocks at those batches.")
-    out("- The memory model needs micro-batches of at most 32 sequences (x 1024 tokens) to fit one block's recompute "
-        "working set and the logits in 24 GiB, so batches 64 and 128 are predicted with gradient accumulation; Fuyou "
-        "may have run them in one pass with a leaner working set. Accumulation changes little here (the optimizer "
-        "leg is hidden behind compute at those batches).")
+    out("- The memory model fits micro-batches of up to 64 sequences (x 1024 tokens) in 24 GiB (one block's recompute "
+        "working set plus the head's 4096-token chunk of logits), so batch 128 is predicted with gradient "
+        "accumulation (2 x 64); Fuyou may have run it in one pass with a leaner working set. Accumulation changes "
+        "little here (the optimizer leg is hidden behind compute at that batch).")
     out("\n## Sources\n")
     out("- Published TFLOPS: Fuyou paper, Liao et al., arXiv 2403.06504v1, GPT-3 13B end-to-end throughput on the "
         "RTX 4090 with 12 SSDs (numbers as quoted in issue 5 and /work/shared/HARDWARE.md).")
