@@ -117,15 +117,27 @@ def fuyou_metrics(result: dict, warmup_steps: int = 1) -> dict:
     timed = steps[warmup_steps:] or steps
     tokens_per_step = result["metrics"]["tokens"] // result["metrics"]["steps"]
     ssd = ((result.get("runtime_stats") or {}).get("store") or {}).get("ssd") or {}
+    rates = throughput(result["parameters"], tokens_per_step, [s["step_s"] for s in steps], warmup_steps)
+    read_per_step = sum(s.get("io", {}).get("read_bytes", 0) for s in timed) / len(timed)
+    write_per_step = sum(s.get("io", {}).get("write_bytes", 0) for s in timed) / len(timed)
+    window = result["metrics"].get("measurement")
+    if window:
+        # Fuyou's per-step times can shift work between steps (updates deferred after a clipped step
+        # finish in the next one; the trainer drains step 1's before measuring): its measured window
+        # (steps 2.. with their own updates, drained at both ends) is the rate, and its bytes too.
+        num_timed = window["steps"]
+        rates = throughput(result["parameters"], tokens_per_step, [tokens_per_step / window["tokens_per_s"]], 0)
+        read_per_step = (window.get("ssd_read_bytes") or 0) / num_timed
+        write_per_step = (window.get("ssd_write_bytes") or 0) / num_timed
     return {
         "status": "ok",
         "parameters": result["parameters"],
         "tokens_per_step": tokens_per_step,
         "steps": steps,
         "measured_steps": [s["step"] for s in timed],
-        **throughput(result["parameters"], tokens_per_step, [s["step_s"] for s in steps], warmup_steps),
-        "ssd_read_bytes_per_step": sum(s.get("io", {}).get("read_bytes", 0) for s in timed) / len(timed),
-        "ssd_write_bytes_per_step": sum(s.get("io", {}).get("write_bytes", 0) for s in timed) / len(timed),
+        **rates,
+        "ssd_read_bytes_per_step": read_per_step,
+        "ssd_write_bytes_per_step": write_per_step,
         "swap_file_bytes": ssd.get("peak_bytes"),
         "peak_vram_allocated_bytes": result["metrics"]["peak_gpu_bytes"],
         "peak_vram_reserved_bytes": result.get("peak_gpu_reserved_bytes"),

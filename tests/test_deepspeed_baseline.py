@@ -174,3 +174,19 @@ def test_zero_infinity_runs_and_writes_to_disk(tmp_path):
     result = json.loads(out.read_text())
     assert result["fits"] and all(torch.isfinite(torch.tensor(step["loss"])) for step in result["steps"])
     assert result["swap_files"]["apparent_bytes"] > 0
+
+
+def test_fuyou_rate_comes_from_its_measured_window():
+    """Per-step times can move a deferred step's updates into the next step; the drained window cannot."""
+    steps = [{"step": 1, "step_s": 7.0}, {"step": 2, "step_s": 0.5, "io": {"read_bytes": 0}},
+             {"step": 3, "step_s": 15.9, "io": {"read_bytes": 16e9}}]
+    window = {"steps": 2, "tokens_per_s": 1000.0, "ssd_read_bytes": 32e9, "ssd_write_bytes": 30e9}
+    result = {"parameters": 10**9, "steps": steps, "command": "fuyou train ...",
+              "metrics": {"tokens": 3 * 16384, "steps": 3, "peak_gpu_bytes": 1, "measurement": window}}
+    metrics = compare.fuyou_metrics(result)
+    assert metrics["tokens_per_s"] == pytest.approx(1000.0)
+    assert metrics["mean_step_s"] == pytest.approx(16.384)
+    assert metrics["model_tflops"] == pytest.approx(6 * 1e9 * 1000 / 1e12)
+    assert metrics["ssd_read_bytes_per_step"] == pytest.approx(16e9) and metrics["ssd_write_bytes_per_step"] == pytest.approx(15e9)
+    del result["metrics"]["measurement"]  # no window: the per-step mean after step 1
+    assert compare.fuyou_metrics(result)["mean_step_s"] == pytest.approx((0.5 + 15.9) / 2)
