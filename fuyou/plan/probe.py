@@ -120,19 +120,22 @@ def block_efficiency(gpu_tflops: float, quick: bool) -> tuple[float, str]:
 
     config = get_preset("gpt3-2.7b")
     batch, seq = (1, 256) if quick else (8, 2048)
-    block = Block(config).cuda()
-    x_BSD = torch.randn(batch, seq, config.hidden_size, device="cuda", requires_grad=True)
-    grad_BSD = torch.randn_like(x_BSD)
 
-    def forward_backward() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y_BSD = block(x_BSD)
-        y_BSD.backward(grad_BSD)
+    def timed_block() -> float:  # its tensors are freed when it returns
+        block = Block(config).cuda()
+        x_BSD = torch.randn(batch, seq, config.hidden_size, device="cuda", requires_grad=True)
+        grad_BSD = torch.randn_like(x_BSD)
 
-    seconds = _timed(forward_backward, 3 if quick else 10, torch.cuda.synchronize)
-    flops = 3 * block_forward_flops(config, batch, seq).forward  # forward + backward (2 x forward)
-    del block, x_BSD, grad_BSD
+        def forward_backward() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y_BSD = block(x_BSD)
+            y_BSD.backward(grad_BSD)
+
+        return _timed(forward_backward, 3 if quick else 10, torch.cuda.synchronize)
+
+    seconds = timed_block()
     torch.cuda.empty_cache()
+    flops = 3 * block_forward_flops(config, batch, seq).forward  # forward + backward (2 x forward)
     return min(1.0, flops / seconds / 1e12 / gpu_tflops), f"GPT-3 2.7B block, {batch} x {seq}"
 
 
