@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fuyou.config import TrainConfig
 from fuyou.models import TransformerConfig, resolve_config
-from fuyou.plan.cost_model import GiB, Prediction
+from fuyou.plan.cost_model import GiB, Prediction, predict
 from fuyou.plan.hardware import HardwareProfile
 from fuyou.plan.planner import Caps, PlanError, choose_plan
 
@@ -25,6 +25,8 @@ class PlanReport:
     caps: Caps
     prediction: Prediction | None
     error: str | None = None
+    # The same plan's step when the previous step clipped: updates wait for the norm (cost_model docstring).
+    after_clip: Prediction | None = None
 
     @property
     def feasible(self) -> bool:
@@ -62,7 +64,8 @@ def plan_config(config: TrainConfig, hardware: HardwareProfile, *, search_batch:
         )
     except PlanError as error:
         return PlanReport(name, model, hardware, caps, None, str(error))
-    return PlanReport(name, model, hardware, caps, prediction)
+    after_clip = predict(model, prediction.plan, hardware, deferred_updates=True)
+    return PlanReport(name, model, hardware, caps, prediction, after_clip=after_clip)
 
 
 def to_json(report: PlanReport) -> dict:
@@ -73,6 +76,7 @@ def to_json(report: PlanReport) -> dict:
     p = report.prediction
     return out | {
         "iteration_s": p.iteration_s,
+        "iteration_s_after_clip": report.after_clip.iteration_s if report.after_clip else None,
         "tflops": p.tflops,
         "hardware_tflops": p.hardware_tflops,
         "megatron_tflops": p.megatron_tflops,
@@ -107,6 +111,8 @@ def to_text(report: PlanReport) -> str:
         "predicted step",
         f"  iteration   {p.iteration_s:.3f} s = prologue {p.prologue_s:.3f} + forward {p.forward_s:.3f} + head {p.head_s:.3f}"
         f" + backward {p.backward_s:.3f} + epilogue {p.epilogue_s:.3f}",
+        *([f"  after clip  {report.after_clip.iteration_s:.3f} s when the previous step clipped (its updates wait for "
+           "the gradient norm and overlap this forward, not the last backward)"] if report.after_clip else []),
         f"  busy        compute {p.compute_busy_s:.3f} s, PCIe {p.pcie_busy_s:.3f} s ({p.pcie_bytes / 1e9:.1f} GB), "
         f"SSD {p.ssd_busy_s:.3f} s ({p.ssd_traffic_bytes / 1e9:.1f} GB), CPU optimizer {p.optimizer_busy_s:.3f} s",
         f"  bottleneck  forward: {p.forward_bottleneck}, backward: {p.backward_bottleneck}",
