@@ -65,6 +65,9 @@ class Comparison:
     cpu_memory_gb: float
     gpu_memory_gb: float = 24.0
     timeout_s: int = 240  # per system
+    # Fuyou's (micro-batch, grad_accum) where it differs from the baselines' (batch_size, grad_accum): the
+    # same sequences per step, each system at the micro-batch it runs best under the same caps.
+    fuyou_batch: tuple[int, int] | None = None
 
     def systems(self) -> tuple[str, ...]:
         return ("fuyou", *self.baselines)
@@ -97,6 +100,15 @@ COMPARISONS = [
         "fuyou-2.7b-ram-b8-ga4",
         "gpt3-2.7b", 8, 4, 2048, 5,
         ("zero-offload", "pytorch"), "zero-offload", cpu_memory_gb=64.0,
+    ),
+    Comparison(
+        "ram-2.7b-best",
+        "RAM path, GPT-3 2.7B, 32 sequences x 2048 per step, 5 steps (2-5 timed), GPU 24 GiB, RAM 64 GiB, each "
+        "system at its best micro-batch under the cap: Fuyou 32 x 1 (activations swapped to RAM, issue-4 "
+        "section), ZeRO-Offload 8 x 4 (its 8 x 2048 micro-batch already reserves 18 GiB of the 24)",
+        "fuyou-2.7b-ram-b32-ga1",
+        "gpt3-2.7b", 8, 4, 2048, 5,
+        ("zero-offload",), "zero-offload", cpu_memory_gb=64.0, fuyou_batch=(32, 1),
     ),
     Comparison(
         "ssd-2.7b",
@@ -240,6 +252,7 @@ def run_comparison(comparison: Comparison, only_systems: list[str], ssd_dir: Pat
                                *[f"--baseline-arg={arg}" for arg in baseline_args]]),
         "caps": {"gpu_memory_gb": comparison.gpu_memory_gb, "cpu_memory_gb": comparison.cpu_memory_gb, "cpu_cap_enforced": False},
         "shape": {"preset": comparison.preset, "batch_size": comparison.batch_size, "grad_accum": comparison.grad_accum,
+                  "fuyou_batch": comparison.fuyou_batch,
                   "seq_len": comparison.seq_len, "steps": comparison.steps, "timed_steps": list(range(2, comparison.steps + 1))},
         "metrics": metrics,
         "baseline": comparison.baseline,

@@ -127,12 +127,14 @@ def test_pytorch_mode_reports_does_not_fit_without_running(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("comparison", compare.COMPARISONS, ids=lambda c: c.name)
 def test_comparisons_match_their_fuyou_case(comparison):
-    """Both sides of a comparison train the same shape, batch and number of steps."""
+    """Both sides of a comparison train the same shape, sequences per step and number of steps."""
     case = {case.name: case for case in CASES}[comparison.fuyou_case]
     config = TrainConfig.from_yaml(case.config, case.overrides)
     assert config.model.preset == comparison.preset
+    fuyou_batch = comparison.fuyou_batch or (comparison.batch_size, comparison.grad_accum)
     assert (config.train.batch_size, config.train.grad_accum, config.train.seq_len, config.train.steps) == (
-        comparison.batch_size, comparison.grad_accum, comparison.seq_len, comparison.steps)
+        *fuyou_batch, comparison.seq_len, comparison.steps)
+    assert fuyou_batch[0] * fuyou_batch[1] == comparison.batch_size * comparison.grad_accum  # same sequences per step
     assert config.offload.gpu_memory_gb == comparison.gpu_memory_gb
     assert comparison.baseline in comparison.baselines
     assert set(comparison.baselines) <= set(deepspeed_baseline.MODES)
