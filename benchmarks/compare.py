@@ -91,7 +91,7 @@ COMPARISONS = [
         "10-minute call next to ram-2.7b; ssd-2.7b runs that shape alone",
         "fuyou-1.3b-ssd-b8-ga1",
         "gpt3-1.3b", 8, 1, 2048, 3,
-        ("zero-infinity", "zero-offload", "pytorch"), "zero-infinity", cpu_memory_gb=24.0,
+        ("zero-infinity", "zero-offload", "pytorch"), "zero-infinity", cpu_memory_gb=24.0, timeout_s=420,
     ),
     Comparison(
         "ram-2.7b",
@@ -155,6 +155,7 @@ def fuyou_metrics(result: dict, warmup_steps: int = 1) -> dict:
         "peak_vram_reserved_bytes": result.get("peak_gpu_reserved_bytes"),
         "command": result["command"],
         "runtime_stats": result.get("runtime_stats"),
+        "timeline": result.get("timeline"),
     }
 
 
@@ -201,10 +202,13 @@ def run_child(command: list[str], timeout_s: float, log_path: Path) -> tuple[int
     return code, time.perf_counter() - start_s, usage.ru_maxrss * 1024
 
 
-def run_comparison(comparison: Comparison, only_systems: list[str], ssd_dir: Path, baseline_args: list[str] = ()) -> dict:
+def run_comparison(comparison: Comparison, only_systems: list[str], ssd_dir: Path, baseline_args: list[str] = (),
+                   timelines: bool = False) -> dict:
     """Runs comparison.systems() (those in `only_systems`, if any) one after another; the issue-6 result.
 
-    `baseline_args` are appended to every DeepSpeed baseline's command (e.g. --no-pipeline).
+    `baseline_args` are appended to every DeepSpeed baseline's command (e.g. --no-pipeline). `timelines`:
+    each system also draws one step (Fuyou its last, traced and timed; DeepSpeed one more, profiled and
+    untimed) into `<case>-<system>-timeline/` of the log archive, and its lanes go into the metrics.
     """
     from benchmarks.run import _commit, _device_name
 
@@ -220,6 +224,8 @@ def run_comparison(comparison: Comparison, only_systems: list[str], ssd_dir: Pat
                        "--set", f"offload.ssd_dir={swap_dir}", "--json-out", str(json_out)]
         else:
             command = [*comparison.baseline_command(system, str(swap_dir), str(json_out)), *baseline_args]
+        if timelines:
+            command += ["--timeline", str(log_dir / f"{comparison.name}-{system}-timeline")]
         print(f"[{comparison.name}] {system}: {shlex.join(command)}", flush=True)
         json_out.unlink(missing_ok=True)
         swap_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +255,8 @@ def run_comparison(comparison: Comparison, only_systems: list[str], ssd_dir: Pat
         "commit": _commit(),
         "command": shlex.join(["python", "-m", "benchmarks.run", "--case", comparison.name,
                                *[arg for system in only_systems for arg in ("--system", system)],
-                               *[f"--baseline-arg={arg}" for arg in baseline_args]]),
+                               *[f"--baseline-arg={arg}" for arg in baseline_args],
+                               *(["--timeline", "DIR"] if timelines else [])]),
         "caps": {"gpu_memory_gb": comparison.gpu_memory_gb, "cpu_memory_gb": comparison.cpu_memory_gb, "cpu_cap_enforced": False},
         "shape": {"preset": comparison.preset, "batch_size": comparison.batch_size, "grad_accum": comparison.grad_accum,
                   "fuyou_batch": comparison.fuyou_batch,

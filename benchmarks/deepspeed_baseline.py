@@ -5,6 +5,9 @@ ZeRO-Offload or plain PyTorch, one process, one JSON object out.
         --seq-len 2048 --steps 3 --nvme-dir /root/ds-nvme --json-out ds.json
     python -m benchmarks.deepspeed_baseline --aio-sweep --nvme-dir /root/ds-nvme   # measure the aio settings
 
+`--timeline DIR` profiles one more step after the timed ones and draws it as Fuyou's timelines are drawn
+(benchmarks.deepspeed_trace): compute, H2D, D2H, SSD read/write, CPU Adam.
+
 The model is `fuyou.models.build_model(get_preset(preset))` (random init, weights in bf16 under DeepSpeed),
 driven block by block exactly as Fuyou drives it (`embed`, each of `blocks`, `head`), with every block
 checkpointed (`torch.utils.checkpoint`, re-entrant: the variant Hugging Face runs under ZeRO-3), so
@@ -353,6 +356,11 @@ def run(args: argparse.Namespace) -> dict:
         return {**result, "fits": False, "need_bytes": PYTORCH_BYTES_PER_PARAM * num_parameters,
                 "reason": f"{PYTORCH_BYTES_PER_PARAM} B/param (fp32 weights, grads, 2 moments) exceed the GPU cap"}
 
+    aio_trace = None
+    if args.timeline and args.mode != "pytorch":
+        from benchmarks.deepspeed_trace import AioTrace
+
+        aio_trace = AioTrace()
     init_start_s = time.perf_counter()
     io_start, disk_start = proc_io(), disk_sectors(args.nvme_dir) if args.nvme_dir else None
     dtype = torch.float32 if args.mode == "pytorch" else torch.bfloat16
@@ -386,6 +394,8 @@ def run(args: argparse.Namespace) -> dict:
         # for the whole forward of the wrapper, not only for the embedding lookup.
         if args.mode == "zero-infinity":
             deepspeed.zero.register_external_parameter(module, model.token_embedding.weight)
+        if aio_trace is not None:
+            aio_trace.install(disk=args.mode == "zero-infinity")
         module, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
     synchronize()
     result["init_s"] = time.perf_counter() - init_start_s
@@ -393,6 +403,27 @@ def run(args: argparse.Namespace) -> dict:
     result["deepspeed_config"] = config
 
     batches = _batches(shape.vocab_size, args.batch_size, args.seq_len, device, args.seed)
+
+    def train_step(micro_batches) -> float:
+        """One optimizer step; returns the mean loss per target token."""
+        loss_sum = 0.0
+        for input_ids_BS, labels_BS in micro_batches:
+            if args.mode == "pytorch":
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = module(input_ids_BS, labels_BS) / (labels_BS.numel() * args.grad_accum)
+                loss.backward()
+            else:
+                # DeepSpeed divides by gradient_accumulation_steps itself: pass the micro-batch mean.
+                loss = module(input_ids_BS, labels_BS) / labels_BS.numel()
+                module.backward(loss)
+                module.step()
+            loss_sum += loss.detach()
+        if args.mode == "pytorch":
+            torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return float(loss_sum) / (1 if args.mode == "pytorch" else args.grad_accum)
+
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     steps = []
@@ -403,23 +434,7 @@ def run(args: argparse.Namespace) -> dict:
             disk_before = disk_sectors(args.nvme_dir) if args.nvme_dir else None
             synchronize()
             start_s = time.perf_counter()
-            loss_sum = 0.0
-            for input_ids_BS, labels_BS in micro_batches:
-                if args.mode == "pytorch":
-                    with torch.autocast(device.type, dtype=torch.bfloat16):
-                        loss = module(input_ids_BS, labels_BS) / (labels_BS.numel() * args.grad_accum)
-                    loss.backward()
-                else:
-                    # DeepSpeed divides by gradient_accumulation_steps itself: pass the micro-batch mean.
-                    loss = module(input_ids_BS, labels_BS) / labels_BS.numel()
-                    module.backward(loss)
-                    module.step()
-                loss_sum += loss.detach()
-            if args.mode == "pytorch":
-                torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_GRAD_NORM)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss_sum) / (1 if args.mode == "pytorch" else args.grad_accum)
+            loss_value = train_step(micro_batches)
             synchronize()
             step_s = time.perf_counter() - start_s
             disk_after = disk_sectors(args.nvme_dir) if args.nvme_dir else None
@@ -450,6 +465,20 @@ def run(args: argparse.Namespace) -> dict:
         peak_vram_reserved_bytes=torch.cuda.max_memory_reserved(device) if on_gpu else 0,
         peak_rss_bytes=peak_rss_bytes(),
     )
+    if args.timeline:
+        # One more step, outside the figures above (the profiler slows the host side), drawn as a timeline.
+        from benchmarks.deepspeed_trace import LANES, profiled
+        from fuyou.timeline import Timeline, write_timeline_files
+
+        micro_batches = [next(batches) for _ in range(args.grad_accum)]
+        synchronize()
+        with profiled(aio_trace) as spans:
+            start_s = time.perf_counter()
+            train_step(micro_batches)
+            synchronize()
+            end_s = time.perf_counter()
+        title = f"{args.mode}: {args.preset} batch {args.batch_size}x{args.seq_len}x{args.grad_accum}, step {args.steps + 1} (profiled, untimed)"
+        result["timeline"] = write_timeline_files(Timeline.of(spans, start_s, end_s, LANES, title), Path(args.timeline))
     return result
 
 
@@ -516,6 +545,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: check the plumbing on a machine without a GPU (DeepSpeed's CPU accelerator); no timing meaning")
     parser.add_argument("--json-out", default=None, help="also write the result object here")
+    parser.add_argument("--timeline", default=None, metavar="DIR",
+                        help="after the timed steps, profile one more (untimed) step and draw it into DIR "
+                             "(timeline.png, trace.json, lanes.json; benchmarks.deepspeed_trace)")
     parser.add_argument("--aio-sweep", action="store_true", help="only time the aio settings under --nvme-dir")
     parser.add_argument("--aio-sweep-bytes", type=int, default=GIB, help="bytes written and read per aio setting")
     return parser.parse_args(argv)

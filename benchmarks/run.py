@@ -141,10 +141,16 @@ def _commit() -> str:
         return "unknown"
 
 
-def run_case(case: Case, extra_overrides: tuple[str, ...] = ()) -> dict:
-    """Trains `case` in this process; `extra_overrides` (e.g. offload.ssd_dir=...) go after the case's own."""
+def run_case(case: Case, extra_overrides: tuple[str, ...] = (), timeline_dir: Path | None = None) -> dict:
+    """Trains `case` in this process; `extra_overrides` (e.g. offload.ssd_dir=...) go after the case's own.
+
+    `timeline_dir`: with runtime=fuyou, also trace the last step (until the work it queued is done) and
+    write it there as timeline.png and trace.json (fuyou.timeline); the traced step stays in the figures.
+    """
     from benchmarks.deepspeed_baseline import io_delta, proc_io
     from fuyou.config import TrainConfig
+    from fuyou.runtime import FuyouRuntime
+    from fuyou.timeline import RuntimeTrace
     from fuyou.trainer import Trainer
 
     overrides = (*case.overrides, *extra_overrides)
@@ -154,8 +160,16 @@ def run_case(case: Case, extra_overrides: tuple[str, ...] = ()) -> dict:
         # benchmarks.deepspeed_baseline reads for DeepSpeed: the same measure on both sides of a comparison.
         step_io: list[dict] = []
         runtime_step = trainer.runtime.step
+        traced = timeline_dir is not None and isinstance(trainer.runtime, FuyouRuntime)
+        trace = RuntimeTrace(trainer.runtime) if traced else None
+        trace_start_s = 0.0
 
         def measured_step(micro_batches):
+            nonlocal trace_start_s
+            if trace is not None and len(step_io) == trainer.config.train.steps - 1:
+                # No drain first: the window shows the previous step's deferred updates overlapping this one.
+                trace.start()
+                trace_start_s = time.perf_counter()
             io_before = proc_io()
             result = runtime_step(micro_batches)
             step_io.append(io_delta(io_before, proc_io()))
@@ -163,6 +177,10 @@ def run_case(case: Case, extra_overrides: tuple[str, ...] = ()) -> dict:
 
         trainer.runtime.step = measured_step
         summary = trainer.train()
+        timeline = None
+        if trace is not None:
+            trainer.drain()
+            timeline = _write_timeline(trace, trace_start_s, f"{case.name}, step {len(step_io)} (traced, timed)", timeline_dir)
         # Per-step rows (loss, grad norm, step time) from the run's own metrics.jsonl.
         keep = ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s")
         lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
@@ -182,7 +200,16 @@ def run_case(case: Case, extra_overrides: tuple[str, ...] = ()) -> dict:
         # The Fuyou runtime's breakdown (CPU optimizer worker seconds, update modes, tier peaks).
         "runtime_stats": trainer.runtime.stats() if hasattr(trainer.runtime, "stats") else None,
         "peak_gpu_reserved_bytes": _peak_gpu_reserved_bytes(trainer.device),
+        "timeline": timeline,
     }
+
+
+def _write_timeline(trace, start_s: float, title: str, directory: Path) -> dict:
+    from fuyou.timeline import Timeline, write_timeline_files
+
+    end_s = time.perf_counter()
+    spans = trace.stop()
+    return write_timeline_files(Timeline.of(spans, start_s, end_s, trace.lanes(spans), f"Fuyou: {title}"), directory)
 
 
 def _peak_gpu_reserved_bytes(device) -> int | None:
@@ -206,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="cases: overrides after the case's own (e.g. offload.ssd_dir=/mnt/nvme/fuyou)")
     parser.add_argument("--json-out", default=None, help="cases: write the result here, not benchmarks/results/<case>.json")
+    parser.add_argument("--timeline", default=None, metavar="DIR",
+                        help="cases: trace the last step into DIR (timeline.png, trace.json); comparisons: every "
+                             "system's last step, in its log archive")
     args = parser.parse_args(argv)
     from benchmarks.compare import COMPARISONS, comparison_table, run_comparison
 
@@ -228,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, comparison_rows = [], []
     for name in args.case:
         if name in comparisons:
-            result = run_comparison(comparisons[name], args.system, Path(args.ssd_dir), args.baseline_arg)
+            result = run_comparison(comparisons[name], args.system, Path(args.ssd_dir), args.baseline_arg,
+                                    timelines=args.timeline is not None)
             for directory in (RESULTS_DIR, *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])):
                 (directory / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
             comparison_rows.append(result)
@@ -236,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         start_s = time.perf_counter()
         try:
-            result = run_case(by_name[name], tuple(args.set))
+            result = run_case(by_name[name], tuple(args.set), Path(args.timeline) if args.timeline else None)
         except Exception as error:  # noqa: BLE001 - one failed case (e.g. out of memory) must not lose the others
             print(f"FAILED {name}: {type(error).__name__}: {error}", flush=True)
             continue

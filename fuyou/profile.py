@@ -41,16 +41,7 @@ from fuyou.errors import ConfigError, FuyouError
 from fuyou.measure import Measurement, format_table
 from fuyou.metrics import StepMetrics
 from fuyou.runtime import FuyouRuntime
-from fuyou.timeline import (
-    ComputeTracer,
-    Span,
-    Timeline,
-    device_copy_spans,
-    optimizer_spans,
-    store_spans,
-    write_chrome_trace,
-    write_png,
-)
+from fuyou.timeline import RuntimeTrace, Span, Timeline, write_chrome_trace, write_png
 from fuyou.trainer import Trainer
 
 PROFILE_FILES = ("profile.json", "profile.csv", "timeline.png", "trace.json")
@@ -101,13 +92,9 @@ def profile_config(config: TrainConfig, *, warmup: int, steps: int, log: Callabl
         for index in range(warmup):
             log(f"warm-up step {index + 1}/{warmup}: {trainer.step().step_s:.2f} s")
         trainer.drain()
-        tracer = ComputeTracer(trainer.device)
-        on_gpu = trainer.device.type == "cuda"
-        if fuyou:  # traces on for the measured steps only
-            runtime.store.trace, runtime.optimizer.events, runtime.schedule.tracer = [], [], tracer
-            if on_gpu:
-                runtime.store.copies.device_timings = []
-        tracer.anchor()
+        trace = RuntimeTrace(runtime) if fuyou else None
+        if trace is not None:  # traces on for the measured steps only
+            trace.start()
         meter = trainer.meter().start(reset_peaks=True)
         history, windows = [], []
         for index in range(steps):
@@ -120,16 +107,9 @@ def profile_config(config: TrainConfig, *, warmup: int, steps: int, log: Callabl
         trainer.drain()
         drained_s = time.perf_counter()
         measurement = meter.stop()
-        if fuyou:
-            # On a GPU the copy streams' own times replace the store's issue-to-completion times of memory copies.
-            device_kinds = ("h2d", "d2h", "d2d") if on_gpu else ()
-            spans = tracer.spans() + store_spans(runtime.store.trace, runtime.store.trace_origin_s, skip=device_kinds)
-            if on_gpu:
-                spans += device_copy_spans(runtime.store.copies.device_timings, tracer)
-            spans += optimizer_spans(runtime.optimizer.events)
-            runtime.store.trace, runtime.optimizer.events, runtime.schedule.tracer = None, None, None
-            runtime.store.copies.device_timings = None
-            lanes = _fuyou_lanes(trainer, spans)
+        if trace is not None:
+            spans = trace.stop()
+            lanes = trace.lanes(spans)
             note = None
         else:
             spans = [Span("compute", f"step {warmup + index + 1}", start_s, end_s) for index, (start_s, end_s) in enumerate(windows)]
@@ -145,18 +125,6 @@ def profile_config(config: TrainConfig, *, warmup: int, steps: int, log: Callabl
     title = f"step {warmup + steps}: {_describe(config)} on {_device_name(trainer.device)}"
     timeline = Timeline.of(spans, windows[-1][0], drained_s, lanes, title)
     return ProfileResult(config, _device_name(trainer.device), warmup, measurement, history, timeline, note)
-
-
-def _fuyou_lanes(trainer: Trainer, spans: list[Span]) -> tuple[str, ...]:
-    """The lanes this placement has (even if idle in the chosen step), in `LANES` order."""
-    from fuyou.timeline import LANES
-
-    present = {"compute", "CPU optimizer"} | {span.lane for span in spans}
-    if trainer.device.type == "cuda":
-        present |= {"H2D", "D2H"}
-    if trainer.runtime.placement.uses_ssd:
-        present |= {"SSD read", "SSD write"}
-    return tuple(lane for lane in LANES if lane in present)
 
 
 def _describe(config: TrainConfig) -> str:

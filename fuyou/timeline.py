@@ -117,6 +117,50 @@ def optimizer_spans(events) -> list[Span]:
     return [Span("CPU optimizer", kind, start_s, end_s) for kind, start_s, end_s in events]
 
 
+class RuntimeTrace:
+    """The Fuyou runtime's traces (module docstring), switched on for some steps and collected as spans.
+
+    `start()` before the steps to trace (with the device idle: it anchors the CUDA clock), `stop()` once
+    the work they queued is done (`Trainer.drain()`); `lanes(spans)` is the set of lanes this placement has.
+
+    Args:
+        runtime: a `fuyou.runtime.FuyouRuntime`.
+    """
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+        self.tracer = ComputeTracer(runtime.device)
+
+    def start(self) -> None:
+        runtime = self.runtime
+        runtime.store.trace, runtime.optimizer.events, runtime.schedule.tracer = [], [], self.tracer
+        if self.tracer.on_gpu:
+            runtime.store.copies.device_timings = []
+        self.tracer.anchor()
+
+    def stop(self) -> list[Span]:
+        """Every span since `start()`; the traces are off again."""
+        runtime = self.runtime
+        # On a GPU the copy streams' own times replace the store's issue-to-completion times of memory copies.
+        device_kinds = ("h2d", "d2h", "d2d") if self.tracer.on_gpu else ()
+        spans = self.tracer.spans() + store_spans(runtime.store.trace, runtime.store.trace_origin_s, skip=device_kinds)
+        if self.tracer.on_gpu:
+            spans += device_copy_spans(runtime.store.copies.device_timings, self.tracer)
+            runtime.store.copies.device_timings = None
+        spans += optimizer_spans(runtime.optimizer.events)
+        runtime.store.trace, runtime.optimizer.events, runtime.schedule.tracer = None, None, None
+        return spans
+
+    def lanes(self, spans: list[Span]) -> tuple[str, ...]:
+        """The lanes this placement has (even if idle in the traced steps), in `LANES` order."""
+        present = {"compute", "CPU optimizer"} | {span.lane for span in spans}
+        if self.tracer.on_gpu:
+            present |= {"H2D", "D2H"}
+        if self.runtime.placement.uses_ssd:
+            present |= {"SSD read", "SSD write"}
+        return tuple(lane for lane in LANES if lane in present)
+
+
 @dataclass
 class Timeline:
     """The spans that overlap one window (one step), clipped to it.
@@ -221,6 +265,17 @@ def write_png(timeline: Timeline, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def write_timeline_files(timeline: Timeline, directory: Path) -> dict:
+    """trace.json, timeline.png and lanes.json (`lane_summary`) into `directory`; returns the summary."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_chrome_trace(timeline, directory / "trace.json")
+    write_png(timeline, directory / "timeline.png")
+    lanes = timeline.lane_summary()
+    (directory / "lanes.json").write_text(json.dumps(lanes, indent=2) + "\n")
+    return {"dir": str(directory), "title": timeline.title, "window_s": timeline.end_s - timeline.start_s, "lanes": lanes}
 
 
 if __name__ == "__main__":
