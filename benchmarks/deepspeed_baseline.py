@@ -478,7 +478,10 @@ def run(args: argparse.Namespace) -> dict:
             synchronize()
             end_s = time.perf_counter()
         title = f"{args.mode}: {args.preset} batch {args.batch_size}x{args.seq_len}x{args.grad_accum}, step {args.steps + 1} (profiled, untimed)"
-        result["timeline"] = write_timeline_files(Timeline.of(spans, start_s, end_s, LANES, title), Path(args.timeline))
+        try:
+            result["timeline"] = write_timeline_files(Timeline.of(spans, start_s, end_s, LANES, title), Path(args.timeline))
+        except Exception as error:  # noqa: BLE001 - a drawing problem must not lose the measured steps above
+            result["timeline"] = {"error": f"{type(error).__name__}: {error}"}
     return result
 
 

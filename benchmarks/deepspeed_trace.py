@@ -27,7 +27,7 @@ from fuyou.timeline import Span
 
 ANCHOR = "fuyou_timeline_anchor"
 MERGE_GAP_S = 50e-6
-LANES = ("compute", "H2D", "D2H", "SSD read", "SSD write", "CPU optimizer")
+LANES = ("compute", "H2D", "D2H", "SSD read", "SSD write", "CPU optimizer", "device copy")
 MEMCPY_LANES = {"HtoD": "H2D", "DtoH": "D2H", "DtoD": "device copy"}
 
 

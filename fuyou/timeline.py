@@ -182,6 +182,8 @@ class Timeline:
     def of(cls, spans: list[Span], start_s: float, end_s: float, lanes: tuple[str, ...], title: str) -> Timeline:
         clipped = [Span(s.lane, s.name, max(s.start_s, start_s), min(s.end_s, end_s), s.num_bytes)
                    for s in spans if s.end_s > start_s and s.start_s < end_s]
+        # A lane with traffic is always drawn, even where the caller did not expect it.
+        lanes = (*lanes, *sorted({s.lane for s in clipped} - set(lanes), key=lambda lane: (lane not in LANES, lane)))
         return cls(title, start_s, end_s, sorted(clipped, key=lambda s: s.start_s), lanes)
 
     def lane_summary(self) -> dict[str, dict]:

@@ -85,3 +85,12 @@ def test_a_fuyou_case_draws_its_last_step(tmp_path):
     assert {"compute", "SSD read", "SSD write", "CPU optimizer"} <= set(lanes)
     assert lanes["compute"]["busy_s"] > 0 and lanes["SSD write"]["bytes"] > 0 and lanes["CPU optimizer"]["spans"] > 0
     assert "step 3" in result["timeline"]["title"]
+
+
+def test_a_timeline_draws_every_lane_that_has_traffic(tmp_path):
+    from fuyou.timeline import Span, Timeline, write_timeline_files
+
+    spans = [Span("compute", "kernels", 0.1, 0.2), Span("device copy", "d2d", 0.3, 0.4, 64)]
+    timeline = Timeline.of(spans, 0.0, 1.0, ("compute", "H2D"), "t")
+    assert timeline.lanes == ("compute", "H2D", "device copy")
+    assert write_timeline_files(timeline, tmp_path)["lanes"]["device copy"]["bytes"] == 64
