@@ -36,9 +36,9 @@ fp32 for the whole step (as the reference sees them under autocast); their `.gra
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import nullcontext
-from typing import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,42 @@ def loss_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         logits_BSV.float().reshape(-1, logits_BSV.shape[-1]), labels_BS.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def head_loss_backward(head: Callable[[torch.Tensor], torch.Tensor], x_BSD: torch.Tensor, labels_BS: torch.Tensor,
+                       denominator: int, *, autocast: Callable[[], AbstractContextManager], chunk_tokens: int,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head and the loss over `chunk_tokens` tokens at a time, each chunk back-propagated at once.
+
+    Fp32 logits of a whole micro-batch are T*V*4 bytes (13 GB at 32 x 2048 tokens and V = 50257; 1 GB at
+    2048 tokens and V = 128256), plus their gradient: a chunk bounds them while its GEMM stays large.
+    Tokens are chunked across row boundaries (the loss is a sum over tokens), so a long sequence is
+    split too. Each chunk's backward adds to the head parameters' .grad (when they require it) and to
+    dloss/dx. The loss stays on the device: reading it here would stall the device queue.
+
+    Args:
+        head: x_TD -> logits_TV (final norm and LM head), e.g. `Transformer.head`.
+        x_BSD: the last block's output (no graph needed: it is detached here).
+        labels_BS: targets, IGNORE_INDEX where no loss is taken.
+        denominator: the step's target-token count; each chunk back-propagates its loss sum over it.
+        autocast: () -> the context the head runs under (bf16 autocast, or none).
+        chunk_tokens: tokens per chunk.
+
+    Returns:
+        (the micro-batch's loss sum, a 0-dim fp32 tensor; dloss/dx_BSD).
+    """
+    x_TD = x_BSD.detach().reshape(-1, x_BSD.shape[-1]).requires_grad_()
+    labels_T = labels_BS.reshape(-1)
+    micro_loss = torch.zeros((), device=x_TD.device)
+    with torch.enable_grad():
+        for start in range(0, x_TD.shape[0], chunk_tokens):
+            with autocast():
+                logits_TV = head(x_TD[start : start + chunk_tokens])
+            chunk_loss = loss_sum(logits_TV, labels_T[start : start + chunk_tokens])
+            (chunk_loss / denominator).backward()
+            micro_loss += chunk_loss.detach()
+            del logits_TV, chunk_loss
+    return micro_loss, x_TD.grad.view_as(x_BSD)
 
 
 class FuyouSchedule:
@@ -180,22 +216,10 @@ class FuyouSchedule:
                 with self._span("forward", j):
                     x_BSD = self._block(j, parts, x_BSD)
                 weights.release(j, parts)
-        # epilogue: head and loss, a few rows at a time (fp32 logits of a whole micro-batch are
-        # B*S*V*4 bytes: 13 GB at 32 x 2048 and V = 50257); each chunk's backward adds to the head's
-        # .grad and to dloss/dx_L. The loss stays on the device: reading it here would stall the
-        # device queue between forward and backward.
-        x_BSD = x_BSD.detach().requires_grad_()
-        rows = max(1, HEAD_CHUNK_TOKENS // x_BSD.shape[1])
-        micro_loss = torch.zeros((), device=x_BSD.device)
+        # epilogue: head and loss in chunks of HEAD_CHUNK_TOKENS tokens (read now: tests change it)
         with self._span("head", None):
-            for row in range(0, x_BSD.shape[0], rows):
-                with self.autocast():
-                    logits_BSV = self.model.head(x_BSD[row : row + rows])
-                chunk_loss = loss_sum(logits_BSV, labels_BS[row : row + rows])
-                (chunk_loss / denominator).backward()
-                micro_loss += chunk_loss.detach()
-                del logits_BSV, chunk_loss
-        return micro_loss, x_BSD.grad
+            return head_loss_backward(self.model.head, x_BSD, labels_BS, denominator, autocast=self.autocast,
+                                      chunk_tokens=HEAD_CHUNK_TOKENS)
 
     # ---- backward of micro-batch k ----------------------------------------------------------------
 
@@ -239,7 +263,9 @@ class FuyouSchedule:
         if last:
             self.weights.offload_outer_grads(self.outer_parameters)
             if update_now:
-                self.optimizer.update("outer", lr=lr)
+                # Read ahead: block L-1 is the next step's first update; its state (if on SSD) streams
+                # in during that step's forward instead of after its first backward block.
+                self.optimizer.update("outer", lr=lr, next_key=f"block.{L - 1}")
 
     def _rebuild_input(self, j: int, weights: WeightStream, activations: ActivationSwap) -> torch.Tensor:
         """x_j: loaded from its checkpoint, or recomputed from x_0 (activations "none")."""
