@@ -23,6 +23,8 @@ import copy
 import functools
 import os
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -48,7 +50,7 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_dequantize_garbles_ragged_rows() -> bool:
     """Whether this bitsandbytes' CPU `dequantize_4bit` misplaces block scales for rows of a length that is
     not a multiple of the 64-element block (0.50.2 does: ~25% weight error instead of NF4's ~9%).
@@ -117,6 +119,7 @@ def prepare_qlora(model: Transformer, *, rank: int = 16, alpha: float = 32.0, dr
 
     The result is a `peft.PeftModel` around `model` (changed in place); its attribute lookups reach our
     Transformer, so `embed`, `blocks` and `head` work as before and the reference trainer can drive it.
+    (`quant.qlora_stream.build_streamed_qlora` does the same one block at a time, into CPU memory.)
 
     Args:
         model: our Transformer, materialised (fp32 on CPU; any dtype on CUDA).
@@ -133,16 +136,34 @@ def prepare_qlora(model: Transformer, *, rank: int = 16, alpha: float = 32.0, dr
     Raises:
         ValueError: a rank below 1, or a target that names no linear layer of the model.
     """
-    if rank < 1:
+    if rank < 1:  # before the quantization, which is the slow part
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     device = next(model.parameters()).device
     model.requires_grad_(False)
     quantized = quantize_linears_nf4(model, compute_dtype=compute_dtype or default_compute_dtype(device))
-    available = sorted({name.rsplit(".", 1)[-1] for name in quantized})
+    return add_lora(model, quantized, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
+
+
+def check_lora_settings(linear_names: list[str], *, rank: int, target_modules: list[str] | None) -> list[str]:
+    """The LoRA targets (last name components) among `linear_names`: all of them, or `target_modules`.
+
+    Raises:
+        ValueError: a rank below 1, or a target that names none of `linear_names`.
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    available = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
     targets = available if target_modules is None else list(target_modules)
     unknown = sorted(set(targets) - set(available))
     if unknown:
         raise ValueError(f"LoRA target_modules {unknown} name no linear layer of this model; choose from {available}")
+    return targets
+
+
+def add_lora(model: Transformer, quantized: list[str], *, rank: int, alpha: float, dropout: float,
+             target_modules: list[str] | None) -> peft.PeftModel:
+    """peft LoRA adapters on the `target_modules` among the `quantized` linears (None: all of them)."""
+    targets = check_lora_settings(quantized, rank=rank, target_modules=target_modules)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     return peft.get_peft_model(model, config)
 
@@ -247,34 +268,48 @@ def _dense_linear(layer: nn.Module, adapter: str | None) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def dense_model(model: peft.PeftModel, *, merge_adapters: bool = True,
-                dtype: torch.dtype = torch.float32) -> Transformer:
+def dense_model(model: peft.PeftModel, *, merge_adapters: bool = True, dtype: torch.dtype = torch.float32,
+                block_scope: Callable[[int], AbstractContextManager] | None = None) -> Transformer:
     """A plain Transformer (on the CPU, in `dtype`) with the NF4 weights dequantized, LoRA merged if asked.
 
     With `merge_adapters=False` it is exactly the frozen base the adapters were trained against (the NF4
     values, not the pre-quantization weights), which is what an adapter export should be applied to.
+
+    Args:
+        block_scope: j -> a context during which block j's NF4 tensors are installed (a streamed model's
+            `StreamedQLoRA.resident`); None: they always are.
     """
     adapter = _single_adapter(model) if merge_adapters else None
     ours = model.get_base_model()
     dense = build_model(ours.config, device="meta")
     state = {}
-    for name, _ in dense.named_parameters():
-        module_name, _, leaf = name.rpartition(".")
-        module = ours.get_submodule(module_name)
-        if isinstance(module, (BaseTunerLayer, bnb.nn.Linear4bit)):
-            weight_OI, bias = _dense_linear(module, adapter)
-            tensor = weight_OI if leaf == "weight" else bias
-        else:
-            tensor = getattr(module, leaf).detach()
-        state[name] = tensor.to(device="cpu", dtype=dtype).clone()
+    with ExitStack() as scopes:
+        open_block = None
+        for name, _ in dense.named_parameters():  # block by block, so one block's scope is open at a time
+            block = int(name.split(".")[1]) if name.startswith("blocks.") else None
+            if block_scope is not None and block != open_block:
+                scopes.close()
+                if block is not None:
+                    scopes.enter_context(block_scope(block))
+                open_block = block
+            module_name, _, leaf = name.rpartition(".")
+            module = ours.get_submodule(module_name)
+            if isinstance(module, (BaseTunerLayer, bnb.nn.Linear4bit)):
+                weight_OI, bias = _dense_linear(module, adapter)
+                tensor = weight_OI if leaf == "weight" else bias
+            else:
+                tensor = getattr(module, leaf).detach()
+            state[name] = tensor.to(device="cpu", dtype=dtype).clone()
     dense.load_state_dict(state, strict=True, assign=True)
     return dense
 
 
-def save_merged(model: peft.PeftModel, directory: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16) -> None:
+def save_merged(model: peft.PeftModel, directory: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+                block_scope: Callable[[int], AbstractContextManager] | None = None) -> None:
     """Write a full HF checkpoint (config.json + safetensors) of base + merged adapters in `dtype`.
 
     Loadable by `transformers.AutoModelForCausalLM.from_pretrained` and by `fuyou.models.from_pretrained`.
     It holds the whole model unquantized on the CPU while saving: for 70B shapes that is 140 GB in bf16.
+    `block_scope`: as `dense_model`'s, for a streamed model.
     """
-    save_pretrained(dense_model(model, merge_adapters=True, dtype=dtype), directory)
+    save_pretrained(dense_model(model, merge_adapters=True, dtype=dtype, block_scope=block_scope), directory)
