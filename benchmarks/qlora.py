@@ -1,7 +1,9 @@
 """QLoRA: our path against the standard Hugging Face recipe, same model shape, batch and sequence (issue 7).
 
     python -m benchmarks.qlora [--preset llama3-8b] [--batch-size 1] [--seq-len 2048] [--steps 6]
-                               [--variants hf ours ours-ckpt] [--num-layers N] [--json PATH]
+                               [--variants hf ours ours-ckpt ours-stream] [--num-layers N] [--gpu-memory-gb G]
+                               [--prefetch-depth D] [--json PATH]
+    python -m benchmarks.qlora --preset llama3-70b --variants ours-stream --gpu-memory-gb 24 --batch-size 2
 
 Both start from random weights (no downloads) and train LoRA rank 16 (alpha 32, dropout 0.05) on every
 block linear over a frozen NF4 base (bitsandbytes, double quantization, bf16 compute) with bitsandbytes'
@@ -19,11 +21,19 @@ paged AdamW 8-bit, on the same synthetic batches, under bf16 autocast, and compu
                make_paged_adamw, the reference trainer; our Transformer with fused qkv and gate_up
                projections), no activation checkpointing; the fp32 model is initialised on the GPU.
     ours-ckpt  the same with train.activation_checkpointing=true.
+    ours-stream  what `fuyou train ... quant.mode=qlora quant.stream=true` runs (quant/qlora_stream.py): the
+               model built on "meta" and materialised one block at a time on the GPU (fp32, N(0, 0.02) drawn
+               there), each block quantized to NF4 and its payload put in pinned CPU memory through the tiered
+               store; blocks fetched `--prefetch-depth` ahead in forward and backward, every block
+               checkpointed and recomputed, embedding and head frozen in bf16, loss in 1024-token chunks.
+               The GPU cap (--gpu-memory-gb) is the store's and binds from before the build.
 
 Each variant runs in its own process, so its peak memory is its own. Reported: tokens/s over the steps
 after the first two, torch's peak allocated and reserved GPU bytes during the steps (bitsandbytes' paged
 optimizer state lives in CUDA managed memory, outside torch's counts; for rank-16 adapters it is ~0.1 GB),
-and the process's GPU use at the end from cudaMemGetInfo.
+the process's GPU use at the end from cudaMemGetInfo, and for ours-stream the NF4 bytes in pinned CPU
+memory and the bytes streamed to the GPU per step. With --gpu-memory-gb, hf is capped from its start and
+ours / ours-ckpt from after their build (which holds the fp32 model on the GPU: 32 GB at 8B).
 """
 
 from __future__ import annotations
@@ -45,10 +55,12 @@ from benchmarks.run import _commit, _device_name
 LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.05}
 SKIP_STEPS = 2
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["hf", "ours", "ours-ckpt", "ours-stream"]
+VARIANT_TIMEOUT_S = 480
 
 
-def ours_overrides(args, checkpointing: bool) -> list[str]:
-    """The `fuyou train` overrides of the run `run_ours` does (recorded as its command)."""
+def ours_overrides(args, checkpointing: bool, stream: bool = False) -> list[str]:
+    """The `fuyou train` overrides of the run `run_ours` / `run_stream` does (recorded as its command)."""
     overrides = [
         f"model.preset={args.preset}", "runtime=reference", "device=cuda", "train.precision=bf16",
         "data.source=synthetic", "train.save_final=false", f"train.steps={args.steps}",
@@ -57,6 +69,10 @@ def ours_overrides(args, checkpointing: bool) -> list[str]:
         f"quant.lora_alpha={LORA['alpha']}", f"quant.lora_dropout={LORA['dropout']}",
         f"train.activation_checkpointing={str(checkpointing).lower()}",
     ]
+    if stream:
+        overrides += ["quant.stream=true", f"offload.prefetch_depth={args.prefetch_depth}"]
+        if args.gpu_memory_gb is not None:
+            overrides.append(f"offload.gpu_memory_gb={args.gpu_memory_gb}")
     if args.num_layers is not None:
         overrides.append(f"model.num_layers={args.num_layers}")
     return overrides
@@ -71,43 +87,63 @@ def synthetic_batches(args):
     return dataset.batches(args.batch_size)
 
 
-def run_ours(args, checkpointing: bool) -> dict:
-    """What `fuyou train` does for quant.mode=qlora (fuyou.Trainer._apply_quant + ReferenceTrainer), but with
-    the fp32 model initialised on the GPU: the Trainer draws a seeded init on the CPU, about a minute for 8B
-    parameters, which changes neither step time nor memory."""
+def model_config(args):
+    from fuyou.models import get_preset
+
+    config = get_preset(args.preset)
+    return config if args.num_layers is None else config.replace(num_layers=args.num_layers)
+
+
+@torch.no_grad()
+def init_on_gpu(module) -> None:
+    """N(0, 0.02) weights, unit norms, zero biases, drawn on the GPU: seconds where the Trainer's seeded CPU
+    draw takes about a minute for 8B parameters (and ten for 70B); neither step time nor memory changes."""
     from torch import nn
 
-    from fuyou.models import build_model, get_preset
+    for submodule in module.modules():
+        if isinstance(submodule, (nn.Linear, nn.Embedding)):
+            submodule.weight.normal_(0.0, 0.02)
+        elif getattr(submodule, "weight", None) is not None:
+            submodule.weight.fill_(1.0)
+        if getattr(submodule, "bias", None) is not None:
+            submodule.bias.zero_()
+
+
+def time_steps(args, step) -> tuple[list[float], list[float]]:
+    """(seconds, loss) of each of `args.steps` calls of step(batch); peak memory counts from here."""
+    batches = synthetic_batches(args)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step_s, losses = [], []
+    for _ in range(args.steps):
+        start_s = time.perf_counter()
+        losses.append(step([next(batches)]).loss)  # .item() inside synchronises
+        step_s.append(time.perf_counter() - start_s)
+    return step_s, losses
+
+
+def run_ours(args, checkpointing: bool) -> dict:
+    """What `fuyou train` does for quant.mode=qlora (fuyou.Trainer._apply_quant + ReferenceTrainer), but with
+    the fp32 model initialised on the GPU (`init_on_gpu`)."""
+    from fuyou.models import build_model
     from fuyou.reference import ReferenceTrainer
+    from offload import GiB, cap_gpu_memory
     from quant.qlora import make_paged_adamw, prepare_qlora
 
     build_start_s = time.perf_counter()
-    config = get_preset(args.preset)
-    if args.num_layers is not None:
-        config = config.replace(num_layers=args.num_layers)
-    model = build_model(config, device="meta").to_empty(device="cuda")
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, 0.02)
-            elif hasattr(module, "weight") and module.weight is not None:
-                module.weight.fill_(1.0)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+    model = build_model(model_config(args), device="meta").to_empty(device="cuda")
+    init_on_gpu(model)
     model = prepare_qlora(model, rank=LORA["rank"], alpha=LORA["alpha"], dropout=LORA["dropout"])
     optimizer = make_paged_adamw(model, lr=2e-4, weight_decay=0.1, optim_bits=8)
     trainer = ReferenceTrainer(model, lr=2e-4, warmup_steps=0, total_steps=args.steps, weight_decay=0.1,
                                max_grad_norm=1.0, precision="bf16", activation_checkpointing=checkpointing,
                                optimizer=optimizer)
-    batches = synthetic_batches(args)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - build_start_s
-    torch.cuda.reset_peak_memory_stats()
-    step_s, losses = [], []
-    for _ in range(args.steps):
-        start_s = time.perf_counter()
-        losses.append(trainer.step([next(batches)]).loss)  # .item() inside synchronises
-        step_s.append(time.perf_counter() - start_s)
+    if args.gpu_memory_gb is not None:
+        torch.cuda.empty_cache()  # the fp32 model's blocks, cached by the allocator since quantization
+        cap_gpu_memory(int(args.gpu_memory_gb * GiB))
+    step_s, losses = time_steps(args, trainer.step)
     return {
         "command": "equivalent to: " + shlex.join(["fuyou", "train", "--config", "configs/tiny.yaml",
                                                    *ours_overrides(args, checkpointing)]),
@@ -119,20 +155,67 @@ def run_ours(args, checkpointing: bool) -> dict:
     }
 
 
+def run_stream(args) -> dict:
+    """What `fuyou train ... quant.stream=true` does (fuyou.Trainer._streamed_qlora), with `init_on_gpu`."""
+    import functools
+
+    from fuyou.models import build_model
+    from offload import GiB, TieredStore
+    from quant.qlora import make_paged_adamw
+    from quant.qlora_stream import StreamedQLoRA, build_streamed_qlora
+
+    def materialize(piece, device):
+        piece.to_empty(device=device)
+        init_on_gpu(piece)
+
+    build_start_s = time.perf_counter()
+    device = torch.device("cuda", torch.cuda.current_device())
+    cap_bytes = None if args.gpu_memory_gb is None else int(args.gpu_memory_gb * GiB)
+    store = TieredStore(gpu_cap_bytes=cap_bytes, device=device)  # caps this process's GPU memory from here on
+    model = build_model(model_config(args), device="meta")
+    model, payloads = build_streamed_qlora(model, store=store, device=device,
+                                           materialize=functools.partial(materialize, device=device),
+                                           rank=LORA["rank"], alpha=LORA["alpha"], dropout=LORA["dropout"])
+    optimizer = make_paged_adamw(model, lr=2e-4, weight_decay=0.1, optim_bits=8)
+    trainer = StreamedQLoRA(model, payloads, store, device=device, optimizer=optimizer, lr=2e-4, warmup_steps=0,
+                            total_steps=args.steps, max_grad_norm=1.0, precision="bf16", prefetch_depth=args.prefetch_depth)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - build_start_s
+    build_peak_allocated_bytes = torch.cuda.max_memory_allocated()
+    print(f"ours-stream: built in {build_s:.1f} s, NF4 {trainer.nf4_bytes / 1e9:.2f} GB in pinned CPU memory", file=sys.stderr, flush=True)
+    h2d_before = store.moved_bytes["h2d"]
+    step_s, losses = time_steps(args, trainer.step)
+    h2d_bytes = store.moved_bytes["h2d"] - h2d_before
+    result = {
+        "command": "equivalent to: " + shlex.join(["fuyou", "train", "--config", "configs/tiny.yaml",
+                                                   *ours_overrides(args, checkpointing=True, stream=True)]),
+        "build_s": build_s,
+        "step_s": step_s,
+        "losses": losses,
+        "tokens_per_step": args.batch_size * args.seq_len,
+        "trainable_parameters": sum(p.numel() for p in trainer.trainable),
+        "build_peak_allocated_bytes": build_peak_allocated_bytes,
+        "nf4_pinned_bytes": trainer.nf4_bytes,
+        "pinned_pool_peak_bytes": store.pool.report()["peak_bytes"],
+        "gpu_store_peak_bytes": store.gpu_budget.peak_bytes,
+        "streamed_bytes_per_step": h2d_bytes / args.steps,
+        "gpu_cap_bytes": cap_bytes,
+        "prefetch_depth": args.prefetch_depth,
+    }
+    trainer.close()
+    return result
+
+
 def build_hf(args, device: str = "cuda"):
     """The standard recipe's model (module docstring), on `device`."""
     import bitsandbytes as bnb  # noqa: F401 - fail early if the wheel is missing
     import peft
     import transformers
 
-    from fuyou.models import get_preset
     from fuyou.models.hf import config_to_hf
     from quant.qlora import quantize_linears_nf4
 
-    config = get_preset(args.preset)
-    if args.num_layers is not None:
-        config = config.replace(num_layers=args.num_layers)
-    hf_dict = config_to_hf(config)
+    hf_dict = config_to_hf(model_config(args))
     hf_dict.pop("model_type"), hf_dict.pop("architectures")
     hf_config = transformers.LlamaConfig(**hf_dict)
     torch.set_default_dtype(torch.bfloat16)
@@ -157,6 +240,10 @@ def run_hf(args) -> dict:
 
     from fuyou.reference import causal_lm_loss_sum
 
+    if args.gpu_memory_gb is not None:
+        from offload import GiB, cap_gpu_memory
+
+        cap_gpu_memory(int(args.gpu_memory_gb * GiB))
     build_start_s = time.perf_counter()
     model = build_hf(args)
     model.train()
@@ -192,7 +279,12 @@ def run_hf(args) -> dict:
 
 def run_variant(args) -> dict:
     variant = args.variant
-    result = run_hf(args) if variant == "hf" else run_ours(args, checkpointing=variant == "ours-ckpt")
+    if variant == "hf":
+        result = run_hf(args)
+    elif variant == "ours-stream":
+        result = run_stream(args)
+    else:
+        result = run_ours(args, checkpointing=variant == "ours-ckpt")
     timed = result["step_s"][SKIP_STEPS:] or result["step_s"]
     free_bytes, total_bytes = torch.cuda.mem_get_info()
     result.update(
@@ -206,6 +298,10 @@ def run_variant(args) -> dict:
     return result
 
 
+def _text(output: bytes | str | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama3-8b")
@@ -213,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--variants", nargs="+", default=["hf", "ours", "ours-ckpt"], choices=["hf", "ours", "ours-ckpt"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU cap per variant (see the docstring)")
+    parser.add_argument("--prefetch-depth", type=int, default=1, help="ours-stream: blocks fetched ahead")
+    parser.add_argument("--variant-timeout-s", type=float, default=VARIANT_TIMEOUT_S)
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant in this process (the worker)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -228,31 +327,44 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "qlora", "date": datetime.date.today().isoformat(), "device": _device_name(), "commit": _commit(),
         "command": shlex.join(["python", "-m", "benchmarks.qlora", *(argv if argv is not None else sys.argv[1:])]),
         "preset": args.preset, "num_layers": args.num_layers, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "lora": LORA, "runs": [],
+        "gpu_memory_gb": args.gpu_memory_gb, "lora": LORA, "runs": [],
     }
     worker = [sys.executable, "-m", "benchmarks.qlora", "--preset", args.preset, "--batch-size", str(args.batch_size),
-              "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+              "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--prefetch-depth", str(args.prefetch_depth)]
     if args.num_layers is not None:
         worker += ["--num-layers", str(args.num_layers)]
+    if args.gpu_memory_gb is not None:
+        worker += ["--gpu-memory-gb", str(args.gpu_memory_gb)]
     for variant in args.variants:
-        completed = subprocess.run([*worker, "--variant", variant], check=False, capture_output=True, text=True)
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        if completed.returncode != 0 or not lines:
-            print(f"{variant} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}", flush=True)
-            result["runs"].append({"variant": variant, "error": completed.stderr[-3000:]})
+        try:
+            completed = subprocess.run([*worker, "--variant", variant], check=False, capture_output=True, text=True,
+                                       timeout=args.variant_timeout_s)
+            returncode, stdout, stderr = completed.returncode, completed.stdout, completed.stderr
+        except subprocess.TimeoutExpired as expired:  # its output so far, as bytes despite text=True
+            returncode, stdout = "timeout", _text(expired.stdout)
+            stderr = f"timed out after {args.variant_timeout_s:.0f} s\n" + _text(expired.stderr)
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        if returncode != 0 or not lines:
+            print(f"{variant} failed (exit {returncode}):\n{stderr[-3000:]}", flush=True)
+            result["runs"].append({"variant": variant, "error": stderr[-3000:]})
         else:
             result["runs"].append(json.loads(lines[-1].removeprefix("RESULT ")))
             run = result["runs"][-1]
             print(f"{variant}: {run['tokens_per_s']:,.0f} tok/s, peak allocated {run['peak_allocated_bytes'] / 2**30:.2f} GiB, "
                   f"build {run['build_s']:.0f} s, losses {[round(x, 3) for x in run['losses']]}", flush=True)
+            if "nf4_pinned_bytes" in run:
+                print(f"{variant}: NF4 in pinned CPU memory {run['nf4_pinned_bytes'] / 1e9:.2f} GB, streamed "
+                      f"{run['streamed_bytes_per_step'] / 1e9:.1f} GB per step, GPU store peak "
+                      f"{run['gpu_store_peak_bytes'] / 1e9:.2f} GB", flush=True)
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2) + "\n")
 
     ok = [run for run in result["runs"] if "error" not in run]
     base = next((run for run in ok if run["variant"] == "hf"), None)
+    cap = "" if args.gpu_memory_gb is None else f", GPU cap {args.gpu_memory_gb:g} GiB"
     print(f"\nQLoRA, {args.preset}{'' if args.num_layers is None else f' ({args.num_layers} layers)'}, "
-          f"batch {args.batch_size} × {args.seq_len}, LoRA r{LORA['rank']}, paged AdamW 8-bit")
+          f"batch {args.batch_size} × {args.seq_len}, LoRA r{LORA['rank']}, paged AdamW 8-bit{cap}")
     print("| variant | tokens/s | × hf | peak allocated GiB | × hf | peak reserved GiB | GPU used at end GiB | trainable params |")
     print("|---|---|---|---|---|---|---|---|")
     for run in ok:
