@@ -162,16 +162,19 @@ def run_case(case: Case, extra_overrides: tuple[str, ...] = (), timeline_dir: Pa
         runtime_step = trainer.runtime.step
         traced = timeline_dir is not None and isinstance(trainer.runtime, FuyouRuntime)
         trace = RuntimeTrace(trainer.runtime) if traced else None
-        trace_start_s = 0.0
+        window_s = [0.0, 0.0]  # the traced step: from its start until the work it queued is done
 
         def measured_step(micro_batches):
-            nonlocal trace_start_s
-            if trace is not None and len(step_io) == trainer.config.train.steps - 1:
+            last = trace is not None and len(step_io) == trainer.config.train.steps - 1
+            if last:
                 # No drain first: the window shows the previous step's deferred updates overlapping this one.
                 trace.start()
-                trace_start_s = time.perf_counter()
+                window_s[0] = time.perf_counter()
             io_before = proc_io()
             result = runtime_step(micro_batches)
+            if last:
+                trainer.drain()  # nothing follows the last step, so this moves no work out of the measured window
+                window_s[1] = time.perf_counter()
             step_io.append(io_delta(io_before, proc_io()))
             return result
 
@@ -179,8 +182,7 @@ def run_case(case: Case, extra_overrides: tuple[str, ...] = (), timeline_dir: Pa
         summary = trainer.train()
         timeline = None
         if trace is not None:
-            trainer.drain()
-            timeline = _write_timeline(trace, trace_start_s, f"{case.name}, step {len(step_io)} (traced, timed)", timeline_dir)
+            timeline = _write_timeline(trace, *window_s, f"{case.name}, step {len(step_io)} (traced, timed)", timeline_dir)
         # Per-step rows (loss, grad norm, step time) from the run's own metrics.jsonl.
         keep = ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s")
         lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
@@ -204,10 +206,9 @@ def run_case(case: Case, extra_overrides: tuple[str, ...] = (), timeline_dir: Pa
     }
 
 
-def _write_timeline(trace, start_s: float, title: str, directory: Path) -> dict:
+def _write_timeline(trace, start_s: float, end_s: float, title: str, directory: Path) -> dict:
     from fuyou.timeline import Timeline, write_timeline_files
 
-    end_s = time.perf_counter()
     spans = trace.stop()
     return write_timeline_files(Timeline.of(spans, start_s, end_s, trace.lanes(spans), f"Fuyou: {title}"), directory)
 
