@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fuyou.errors import ModelError
-from fuyou.models import PRESETS, Transformer, TransformerConfig, build_model, get_preset
+from fuyou.models import PRESETS, Initializer, Transformer, TransformerConfig, build_model, get_preset
 
 TINY = ("tiny-gpt3", "tiny-llama")
 # Variants that switch on every optional piece of the layouts.
@@ -169,3 +169,16 @@ def test_constructor_is_a_plain_module_and_models_import_no_transformers():
     assert isinstance(build_model(get_preset("tiny-gpt3"), device="meta"), Transformer)
     code = "import sys, fuyou.models; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt3"])  # untied head (drawn after the blocks), tied
+def test_initializing_piece_by_piece_from_meta_gives_build_models_weights(name):
+    config = get_preset(name)
+    model = build_model(config, device="meta")
+    initialize = Initializer(model, seed=3)
+    pieces = initialize.pieces()
+    assert [p for p in pieces if p in list(model.blocks)] == list(model.blocks)
+    for piece in pieces:
+        initialize.materialize(piece)
+    for (key, expected), got in zip(build_model(config, seed=3).state_dict().items(), model.state_dict().values()):
+        assert torch.equal(got, expected), key

@@ -14,11 +14,12 @@ from fuyou.models.hf import (
     to_hf_state_dict,
 )
 from fuyou.models.presets import PRESETS, get_preset, resolve_config
-from fuyou.models.transformer import Block, Transformer, TransformerConfig, build_model, init_parameters
+from fuyou.models.transformer import Block, Initializer, Transformer, TransformerConfig, build_model, init_parameters
 
 __all__ = [
     "PRESETS",
     "Block",
+    "Initializer",
     "Transformer",
     "TransformerConfig",
     "build_model",

@@ -318,33 +318,64 @@ class Transformer(nn.Module):
         return sum(parameter.numel() for parameter in self.parameters())
 
 
-@torch.no_grad()
-def init_parameters(model: Transformer, *, seed: int | None = None) -> None:
-    """GPT-2 / HF initialisation in place: N(0, 0.02) weights, zero biases, unit norms.
+class Initializer:
+    """GPT-2 / HF initialisation, drawn one piece of a model at a time: N(0, 0.02) weights, zero biases, unit norms.
 
     Residual output projections (`o_proj`, `down_proj`) use std 0.02/sqrt(2L), GPT-2's scaling for the
-    2L residual branches. Values are drawn on the CPU in fp32 in parameter order and then copied, so a
-    seed gives the same weights on every device and (up to rounding) in every dtype.
+    2L residual branches. Values are drawn on the CPU in fp32 and then copied, so a seed gives the same
+    weights on every device and (up to rounding) in every dtype.
+
+    One generator serves the whole model and each call draws for its module's submodules in
+    `modules()` order, so initialising the `pieces()` in their order -- the embeddings, block 0, 1, ...,
+    then the final norm and head -- gives bit for bit what one pass over the whole model gives. That is
+    what lets the offload runtime materialise a large model one block at a time (fuyou.runtime) instead
+    of first building all of it in fp32 (41 GB at 10B parameters).
 
     Args:
-        model: a materialised (not meta) model.
+        model: the model to initialise (materialised, or on "meta" until each piece is materialised).
         seed: seeds a private generator; None draws from torch's global CPU RNG.
     """
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    residual_std = INIT_STD / math.sqrt(2 * model.config.num_layers)
-    residual_projections = {id(block.attn.o_proj) for block in model.blocks}
-    residual_projections |= {id(block.mlp.down_proj) for block in model.blocks}
-    for module in model.modules():
-        if isinstance(module, (nn.LayerNorm, RMSNorm)):
-            module.weight.fill_(1.0)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            std = residual_std if id(module) in residual_projections else INIT_STD
-            values = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-            module.weight.copy_(values)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+
+    def __init__(self, model: Transformer, *, seed: int | None = None) -> None:
+        self.model = model
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.residual_std = INIT_STD / math.sqrt(2 * model.config.num_layers)
+        self.residual_projections = {id(block.attn.o_proj) for block in model.blocks}
+        self.residual_projections |= {id(block.mlp.down_proj) for block in model.blocks}
+
+    def pieces(self) -> list[nn.Module]:
+        """The model's top-level modules with `blocks` split into its blocks, in initialisation order."""
+        pieces = []
+        for child in self.model.children():
+            pieces.extend(child if child is self.model.blocks else [child])
+        return pieces
+
+    @torch.no_grad()
+    def __call__(self, module: nn.Module) -> None:
+        """Initialise `module` (materialised) in place, drawing the generator's next values."""
+        for submodule in module.modules():
+            if isinstance(submodule, (nn.LayerNorm, RMSNorm)):
+                submodule.weight.fill_(1.0)
+                if getattr(submodule, "bias", None) is not None:
+                    submodule.bias.zero_()
+            elif isinstance(submodule, (nn.Linear, nn.Embedding)):
+                std = self.residual_std if id(submodule) in self.residual_projections else INIT_STD
+                values = torch.empty(submodule.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=self.generator)
+                submodule.weight.copy_(values)
+                if getattr(submodule, "bias", None) is not None:
+                    submodule.bias.zero_()
+
+    def materialize(self, module: nn.Module, device: str | torch.device = "cpu") -> None:
+        """Allocate `module` (one of `pieces()`, on "meta") on `device` and initialise it."""
+        module.to_empty(device=device)
+        self(module)
+
+
+def init_parameters(model: Transformer, *, seed: int | None = None) -> None:
+    """Initialise a materialised (not meta) model in place; see `Initializer` for the scheme and seeding."""
+    initialize = Initializer(model, seed=seed)
+    for piece in initialize.pieces():
+        initialize(piece)
 
 
 def build_model(
