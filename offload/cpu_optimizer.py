@@ -7,10 +7,16 @@ overlapped with backward propagation). Everything here knows only flat tensors a
 
 A group is one or more flat "parts" (a part per weight-decay class); each part has
     state  fp32 [3, n] in the store under `optim.{key}.{part}`: rows master weight, exp_avg, exp_avg_sq,
-           on the CPU (updated in place) or on the SSD (read one group ahead, written back behind);
+           on the group's tier: the CPU (updated in place) or the SSD (read one group ahead, written
+           back behind). Each group has its own tier, so one run can keep some groups' state in RAM and
+           the rest on the SSD.
     grad   fp32 [n] in pinned CPU memory: the step's first micro-batch is copied into it from the
-           accelerator, later ones are added; kept until the step is over, because a clipping fix-up
-           (below) needs it.
+           accelerator, later ones are added. By default each group owns its accumulator for the whole
+           run, kept until the step is over because a clipping fix-up or a deferred update (below) needs
+           it after backward. When neither can happen (one micro-batch per step, no clipping), a
+           `GradientRing` of a few group-sized buffers serves every group instead: a buffer is taken
+           when the group's gradient leaves the accelerator and given back once its update has run, so
+           the gradients take a few groups' worth of RAM rather than 4 bytes for every parameter.
 
 Tasks (accumulate, update, fix-up) run on one worker thread in submission order, so a group's
 accumulation always precedes its update without locks. The arithmetic is a library kernel:
@@ -41,11 +47,16 @@ from typing import Callable
 
 import torch
 
-from offload.futures import completed, then
+from offload.errors import OffloadError
+from offload.futures import completed, gather, then
 from offload.store import Tier, TieredStore
 
 MASTER, EXP_AVG, EXP_AVG_SQ = 0, 1, 2
 KERNELS = ("torch", "deepspeed")
+# Pinned buffers that SSD groups' states pass through: one being written back, one being updated,
+# one being read ahead. Each new buffer is taken only once the writes issued before it leave room,
+# so the count holds however the disk orders reads and writes.
+SSD_STATE_BUFFERS = 3
 
 
 @dataclass
@@ -60,6 +71,7 @@ class _Part:
 class _Group:
     parts: list[_Part]
     publish: Callable[[list[torch.Tensor]], Future]  # updated fp32 masters -> copies to the weights' home done
+    tier: Tier  # where the state lives: CPU or SSD
     step: int = 0  # Adam's t, counted per group
     sumsq: Future | None = None  # float: sum of squared gradient entries of this step
     ready: Future = field(default_factory=completed)  # the weights' home holds this group's latest update
@@ -109,24 +121,91 @@ class AdamWKernel:
         )
 
 
+class GradientRing:
+    """A few reusable fp32 gradient buffers in pinned CPU memory, each large enough for any group.
+
+    Groups take a buffer when their gradient leaves the accelerator and give it back after their
+    update, in any order. Taking waits while every buffer is out (backpressure: backward pauses
+    while the CPU optimizer is behind), and refuses to wait when no update that would return a
+    buffer has been queued, because then nothing ever would (a deadlock, raised instead).
+
+    Args:
+        store: allocates the buffers (counted against its pinned CPU budget).
+        num_buffers: how many groups' gradients may be out at once, >= 1.
+        part_numels: the largest group's element count per part index.
+    """
+
+    def __init__(self, store: TieredStore, num_buffers: int, part_numels: list[int]) -> None:
+        assert num_buffers >= 1
+        self.buffers = [[store.empty((max(n, 1),), torch.float32, Tier.CPU) for n in part_numels] for _ in range(num_buffers)]
+        self._free = list(range(num_buffers))
+        self._held: dict[str, int] = {}  # group key -> buffer index
+        self._owed: set[str] = set()  # holders whose update is queued: their buffer will come back
+        self._cond = threading.Condition()
+
+    def take(self, key: str, numels: list[int]) -> list[torch.Tensor]:
+        """A free buffer's first `numels[p]` elements per part, for group `key`; waits for one if needed.
+
+        Raises:
+            OffloadError: every buffer is out and no queued update will return one.
+        """
+        with self._cond:
+            assert key not in self._held, f"{key} already holds a gradient buffer"
+            while not self._free:
+                if not self._owed:
+                    raise OffloadError(
+                        f"all {len(self.buffers)} gradient buffers are held by groups with no update queued, so none "
+                        "would come back; queue each group's update right after its gradient (or use full-size buffers)"
+                    )
+                self._cond.wait()
+            index = self._free.pop(0)
+            self._held[key] = index
+        return [buffer[:n] for buffer, n in zip(self.buffers[index], numels)]
+
+    def owe(self, key: str) -> None:
+        """`key`'s update is queued: its buffer will come back (so waiting for it cannot deadlock)."""
+        with self._cond:
+            if key in self._held:
+                self._owed.add(key)
+
+    def give_back(self, key: str) -> None:
+        """`key`'s update has read its gradient: its buffer is free for the next group."""
+        with self._cond:
+            index = self._held.pop(key, None)
+            self._owed.discard(key)
+            if index is not None:
+                self._free.append(index)
+                self._cond.notify_all()
+
+
 class OffloadedAdamW:
-    """AdamW whose fp32 master weights and moments live in `store` on `tier` (cpu or ssd).
+    """AdamW whose fp32 master weights and moments live in `store`, each group on the CPU or the SSD.
 
     Args:
         store: the tiered store every state move goes through.
-        tier: "cpu" (state updated in place in pinned CPU memory) or "ssd".
+        tier: the groups' default tier: "cpu" (state updated in place in pinned CPU memory) or "ssd".
         betas, eps: AdamW's.
         kernel: see `AdamWKernel`.
+        gradient_ring: 0: each group owns a full-size fp32 gradient accumulator for the whole run;
+            n > 0: the groups share n buffers (`GradientRing`), which needs every step to be one
+            micro-batch whose groups are updated during backward (no fix-up, no deferred update).
     """
 
-    def __init__(self, store: TieredStore, tier: Tier | str, *, betas: tuple[float, float], eps: float, kernel: str = "torch") -> None:
+    def __init__(self, store: TieredStore, tier: Tier | str, *, betas: tuple[float, float], eps: float, kernel: str = "torch",
+                 gradient_ring: int = 0) -> None:
         self.store, self.tier = store, Tier(tier)
         assert self.tier in (Tier.CPU, Tier.SSD), "the optimizer runs on the CPU: its state lives on cpu or ssd"
+        assert gradient_ring >= 0
         self.kernel = AdamWKernel(kernel, betas=betas, eps=eps)
         self.betas, self.eps = betas, eps
         self.groups: dict[str, _Group] = {}
+        self.gradient_ring_size = gradient_ring
+        self.ring: GradientRing | None = None  # built at the first gradient, once every group is known
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-adamw")
         self._prefetched: dict[str, Future] = {}  # part name -> fetch of its state into a CPU tensor
+        # Per SSD group whose state is being written (add_group's first write, each update's write-back),
+        # oldest first: done once written and its buffer is back in the pool (see SSD_STATE_BUFFERS).
+        self._ssd_writes: collections.deque[Future] = collections.deque()
         # Worker seconds per kind of work (accumulate, update, fix_up, publish, state_wait): where the
         # CPU side of a step goes, for benchmarks.
         self.busy_s: dict[str, float] = collections.defaultdict(float)
@@ -136,21 +215,37 @@ class OffloadedAdamW:
     # ---- set-up --------------------------------------------------------------------------------
 
     def add_group(self, key: str, masters: list[torch.Tensor], weight_decays: list[float],
-                  publish: Callable[[list[torch.Tensor]], Future]) -> None:
+                  publish: Callable[[list[torch.Tensor]], Future], *, tier: Tier | str | None = None) -> None:
         """Register a group: `masters` are its parts' initial fp32 weights (flat, any device).
 
         `publish(updated_masters)` is called on the worker after each update with the parts' fp32 CPU
         masters; it starts copying them (cast as needed) to where the weights are read from and returns
-        a future done when they are there.
+        a future done when they are there. `tier`: where this group's state lives (default: the
+        optimizer's `tier`).
+
+        The state is built once, in a pinned buffer from the store: on the CPU that buffer becomes its
+        home; for the SSD it is written out from there directly, behind the caller, with at most two
+        groups' writes in flight, so building a model larger than RAM overlaps the disk without piling
+        up buffers.
         """
-        parts = []
+        tier = self.tier if tier is None else Tier(tier)
+        assert tier in (Tier.CPU, Tier.SSD), "the optimizer runs on the CPU: its state lives on cpu or ssd"
+        if tier is Tier.SSD:
+            self._wait_for_ssd_writes(SSD_STATE_BUFFERS - 1)  # this group's buffer is the next one
+        parts, writes = [], []
         for index, (master, weight_decay) in enumerate(zip(masters, weight_decays)):
-            state = torch.zeros(3, master.numel(), dtype=torch.float32)
+            state = self.store.empty((3, master.numel()), torch.float32, Tier.CPU)
             state[MASTER].copy_(master.reshape(-1))
+            state[EXP_AVG:].zero_()
             name = f"optim.{key}.{index}"
-            self.store.put(name, state, self.tier).result()
+            if tier is Tier.CPU:
+                self.store.adopt(name, state)
+            else:
+                writes += [self.store.put(name, state, tier), self.store.free(state)]  # the buffer serves the next SSD group
             parts.append(_Part(name, master.numel(), weight_decay))
-        self.groups[key] = _Group(parts, publish)
+        if writes:
+            self._ssd_writes.append(gather(writes))
+        self.groups[key] = _Group(parts, publish, tier)
 
     # ---- tasks, run on the worker in submission order ------------------------------------------
 
@@ -162,6 +257,14 @@ class OffloadedAdamW:
         the runtime guarantees by fetching a group's weights for a step only after `ready(key)`.
         """
         group = self.groups[key]
+        if self.gradient_ring_size:
+            if self.ring is None:
+                num_parts = max(len(g.parts) for g in self.groups.values())
+                part_numels = [max(g.parts[p].numel for g in self.groups.values() if p < len(g.parts)) for p in range(num_parts)]
+                self.ring = GradientRing(self.store, self.gradient_ring_size, part_numels)
+            for part, buffer in zip(group.parts, self.ring.take(key, [part.numel for part in group.parts])):
+                part.grad = buffer
+            return [part.grad for part in group.parts]
         for part in group.parts:
             if part.grad is None:  # allocated once and reused: no page faults on every step
                 part.grad = self.store.empty((part.numel,), torch.float32, Tier.CPU)
@@ -214,14 +317,23 @@ class OffloadedAdamW:
 
         def task(state: list[torch.Tensor]) -> None:
             group.step += 1
-            for part, part_state in zip(group.parts, state):
-                self.kernel.step(part_state[MASTER], part.grad, part_state[EXP_AVG], part_state[EXP_AVG_SQ],
-                                 step=group.step, lr=lr, weight_decay=part.weight_decay, clip=clip)
+            try:
+                for part, part_state in zip(group.parts, state):
+                    self.kernel.step(part_state[MASTER], part.grad, part_state[EXP_AVG], part_state[EXP_AVG_SQ],
+                                     step=group.step, lr=lr, weight_decay=part.weight_decay, clip=clip)
+            finally:
+                if self.ring is not None:  # the gradient is spent: its buffer goes to the next group
+                    for part in group.parts:
+                        part.grad = None
+                    self.ring.give_back(key)
 
+        if self.ring is not None:
+            self.ring.owe(key)
         return self._submit_with_state("update", key, next_key, task)
 
     def fix_up(self, key: str, *, lr: float, clip: float, next_key: str | None = None) -> Future:
         """Turn this step's speculative update of `key` (clip 1) into the update with `clip` (module docstring)."""
+        assert not self.gradient_ring_size, "a fix-up needs the step's gradient, which the gradient ring gave back"
         group = self.groups[key]
         beta1, beta2 = self.betas
 
@@ -243,12 +355,14 @@ class OffloadedAdamW:
         group = self.groups[key]
 
         def task() -> Future:
-            state = [self._take_state(part.name) for part in group.parts]
-            if next_key is not None and self.tier is Tier.SSD:
-                # Read ahead: the next group's state streams in while this one computes.
+            wait_start_s = time.perf_counter()  # waits for room (earlier write-backs) count as state_wait too
+            state = [self._take_state(group, part.name) for part in group.parts]
+            if next_key is not None and self.groups[next_key].tier is Tier.SSD:
+                # Read ahead: the next group's state streams in while this one computes, into the buffer
+                # of the write-back before last (issued first, so usually done by now).
+                self._wait_for_ssd_writes(SSD_STATE_BUFFERS - 2)
                 for part in self.groups[next_key].parts:
                     self._prefetch_state(part.name)
-            wait_start_s = time.perf_counter()
             state = [future.result() for future in state]
             start_s = time.perf_counter()
             self.busy_s["state_wait"] += start_s - wait_start_s
@@ -259,25 +373,32 @@ class OffloadedAdamW:
             self.busy_s["publish"] += time.perf_counter() - compute_end_s
             if self.events is not None:
                 self.events += [("state_wait", wait_start_s, start_s), (kind, start_s, compute_end_s), ("publish", compute_end_s, time.perf_counter())]
-            if self.tier is Tier.SSD:
+            if group.tier is Tier.SSD:
                 # Write back behind: the worker moves on; the store orders a later fetch after this write.
+                writes = []
                 for part, part_state in zip(group.parts, state):
-                    self.store.write_back(part.name, part_state)
-                    self.store.free(part_state)
+                    writes += [self.store.write_back(part.name, part_state), self.store.free(part_state)]
+                self._ssd_writes.append(gather(writes))
             return published
 
         done = self._worker.submit(task)
         group.ready = then(done, done.result)
         return group.ready
 
+    def _wait_for_ssd_writes(self, at_most: int) -> None:
+        while len(self._ssd_writes) > at_most:
+            self._ssd_writes.popleft().result()
+
     def _prefetch_state(self, name: str) -> None:
         with self._lock:
             if name not in self._prefetched:
                 self._prefetched[name] = self.store.fetch(name, Tier.CPU)
 
-    def _take_state(self, name: str) -> Future:
-        if self.tier is Tier.CPU:
+    def _take_state(self, group: _Group, name: str) -> Future:
+        if group.tier is Tier.CPU:
             return completed(self.store.home(name))
+        if name not in self._prefetched:
+            self._wait_for_ssd_writes(SSD_STATE_BUFFERS - 1)  # not read ahead: its buffer is the next one
         self._prefetch_state(name)
         with self._lock:
             return self._prefetched.pop(name)

@@ -196,17 +196,29 @@ class TieredStore:
             self._gpu_owned[tensor.data_ptr()] = capacity_bytes
         return tensor
 
-    def free(self, x) -> None:
+    def free(self, x) -> Future:
         """Give back a tensor from `empty`, once the moves already issued on it are done.
 
         The caller must not use `x` afterwards: a CPU tensor's memory goes back to the pool.
+
+        Returns:
+            A future done once the memory is back (so a caller that waits on it can reuse the pool's
+            buffer instead of growing the pool); it carries no error of the moves it waited for.
         """
         pending = self._pending(_key(x))
-        release = lambda _=None: self._release(x)  # noqa: E731
         if not pending:
-            release()
-        else:
-            gather(pending).add_done_callback(release)
+            self._release(x)
+            return completed()
+        released: Future = Future()
+
+        def release(_: Future) -> None:
+            try:
+                self._release(x)
+            finally:
+                released.set_result(None)
+
+        gather(pending).add_done_callback(release)
+        return released
 
     def _release(self, x) -> None:
         if isinstance(x, SSDTensor):
@@ -374,6 +386,17 @@ class TieredStore:
         home = self.empty(tensor.shape, tensor.dtype, tier)
         self._homes[name] = home
         return self.copy(home, tensor.contiguous())
+
+    def adopt(self, name: str, tensor: torch.Tensor) -> None:
+        """Make `tensor`, a CPU or GPU tensor from `empty()`, the home of `name` (no copy).
+
+        For a caller that builds a large state in place (the optimizer's masters and moments): `put`
+        would hold it twice, once in the caller's tensor and once in the home.
+        """
+        if name in self._homes:
+            raise OffloadError(f"tensor {name!r} is already in the store; delete() it first or pick another name")
+        assert tensor.data_ptr() in self._host_owned or tensor.data_ptr() in self._gpu_owned, "adopt() of a tensor the store did not allocate"
+        self._homes[name] = tensor
 
     def home(self, name: str):
         """The home tensor (torch.Tensor or SSDTensor) of `name`."""

@@ -73,3 +73,37 @@ def test_fix_up_equals_clipping_first(tier, tmp_path):
     for key in ("a", "b"):
         for got, expected in zip(speculated[key], deferred[key]):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_groups_on_different_tiers_with_a_gradient_ring_and_three_state_buffers(tmp_path):
+    # Six groups, the first two in RAM, the rest on SSD, updated in backward order with read-ahead as the
+    # runtime does; gradients through a ring of two buffers. Matches torch's AdamW, and the SSD groups'
+    # states pass through at most three pinned buffers (one written back, one updated, one read ahead).
+    numel, keys = 4096, [f"g{i}" for i in range(6)]
+    generator = torch.Generator().manual_seed(0)
+    initial = {key: torch.randn(numel, generator=generator) for key in keys}
+    grads = [{key: torch.randn(numel, generator=generator) for key in keys} for _ in range(3)]
+    with TieredStore(ssd_dir=str(tmp_path), ssd_num_bytes=6 * 12 * numel) as store:
+        optimizer = OffloadedAdamW(store, "ssd", betas=BETAS, eps=EPS, gradient_ring=2)
+        for i, key in enumerate(keys):
+            optimizer.add_group(key, [initial[key]], [0.1], lambda m: completed(), tier="cpu" if i < 2 else "ssd")
+        order = keys[::-1]
+        for step_grads in grads:
+            for index, key in enumerate(order):
+                buffer, = optimizer.gradient_buffers(key)  # waits while both buffers are out
+                buffer.copy_(step_grads[key])
+                optimizer.accumulate(key, None, completed(), last=True, norms=torch.linalg.vector_norm(step_grads[key]).reshape(1))
+                optimizer.update(key, lr=LR, next_key=order[index + 1] if index + 1 < len(order) else order[0])
+            optimizer.end_step().result()
+        result = {key: optimizer.masters(key)[0] for key in keys}
+        state_buffers = [b for b in store.pool._all if b.capacity_bytes == 3 * 4 * numel]
+        assert {key: group.tier.value for key, group in optimizer.groups.items()} == {k: "cpu" if k in keys[:2] else "ssd" for k in keys}
+        assert len(state_buffers) == 2 + 3  # the two RAM groups' homes, and three for the four SSD groups
+        optimizer.close()
+    for key in keys:
+        param = torch.nn.Parameter(initial[key].clone())
+        reference = torch.optim.AdamW([param], lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
+        for step_grads in grads:
+            param.grad = step_grads[key]
+            reference.step()
+        torch.testing.assert_close(result[key], param.detach(), rtol=0, atol=1e-6)  # values up to ~4: one ulp
