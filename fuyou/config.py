@@ -106,11 +106,19 @@ class OffloadConfig:
     """Placement of each state class and the memory caps (read by the Fuyou runtime).
 
     `None` leaves the choice to the runtime's planner. Memory caps are in GiB.
+    `optimizer_cpu_blocks` (with optimizer "ssd"): blocks 0..k-1 and the embeddings/head keep their
+    fp32 masters and moments in CPU RAM, the other blocks on the SSD (None: all on the SSD); the
+    split that lets a model larger than RAM or disk alone fit both (fuyou.runtime.Placement says
+    why those blocks). `gradient_ring`: when a step is one micro-batch without clipping
+    (train.grad_accum 1, train.max_grad_norm null), the fp32 gradients go through this many reusable
+    block-sized CPU buffers instead of one accumulator per parameter; 0 keeps the accumulators.
     """
 
     params: str | None = None
     optimizer: str | None = None
     activations: str | None = None
+    optimizer_cpu_blocks: int | None = None
+    gradient_ring: int = 4
     gpu_memory_gb: float | None = None
     cpu_memory_gb: float | None = None
     ssd_dir: str | None = None
@@ -209,6 +217,16 @@ class TrainConfig:
                 raise ConfigError(f"offload.{name} must be > 0 or null, got {value}")
         if offload.prefetch_depth < 0:
             raise ConfigError(f"offload.prefetch_depth must be >= 0, got {offload.prefetch_depth}")
+        if offload.gradient_ring < 0:
+            raise ConfigError(f"offload.gradient_ring must be >= 0 (0: full-size gradient buffers), got {offload.gradient_ring}")
+        if offload.optimizer_cpu_blocks is not None:
+            if offload.optimizer_cpu_blocks < 0:
+                raise ConfigError(f"offload.optimizer_cpu_blocks must be >= 0 or null, got {offload.optimizer_cpu_blocks}")
+            if offload.optimizer not in ("ssd", None):
+                raise ConfigError(
+                    f"offload.optimizer_cpu_blocks splits the optimizer state between CPU RAM and the SSD; "
+                    f"set offload.optimizer=ssd with it (got offload.optimizer={offload.optimizer})"
+                )
         quant = self.quant
         _choice("quant.mode", quant.mode, ("none", "halo", "qlora"))
         if quant.halo_level not in (0, 1, 2):

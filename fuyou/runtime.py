@@ -10,6 +10,8 @@ Placement (`Placement`): each state class on "gpu", "cpu" or "ssd".
                  ("gpu": resident on the compute device, no streaming). On a machine without CUDA the
                  compute device is the CPU, and "gpu" means "on the compute device".
     optimizer    fp32 master weights and AdamW moments; "cpu" or "ssd" (the optimizer runs on the CPU).
+                 With "ssd", `optimizer_cpu_blocks` = k splits it per group: blocks 0..k-1 and the outer
+                 group keep their state in CPU RAM, blocks k..L-1 on the SSD (None: every group on SSD).
     activations  each block's checkpointed input between forward and backward: "gpu" kept on the
                  compute device, "cpu"/"ssd" swapped out and back ahead of backward, "none" nothing
                  kept but the embedding output (x_0): backward recomputes every block input from it.
@@ -20,7 +22,8 @@ State layout (what a checkpoint must hold; SIGKILL-safe resume is a later issue)
     part 0  parameters with ndim >= 2 (weight decay applies)
     part 1  parameters with ndim < 2 (norm scales, biases: no decay)
 (`FlatLayout` gives names, shapes and offsets.) In the store:
-    optim.{group}.{part}         fp32 [3, n]: master weight, exp_avg, exp_avg_sq   (optimizer tier)
+    optim.{group}.{part}         fp32 [3, n]: master weight, exp_avg, exp_avg_sq, on the group's
+                                 optimizer tier: `optimizer_tier(group)`, CPU or SSD per group
     param.block.{j}.{part}       part 0 in the compute dtype (bf16 or fp32), part 1 fp32, [n]
                                  (params tier; derived from the master, need not be saved)
     the outer group's weights    fp32 on the compute device (the model's own parameters)
@@ -28,6 +31,14 @@ State layout (what a checkpoint must hold; SIGKILL-safe resume is a later issue)
     step index                   `FuyouRuntime.step_index` (drives the LR schedule)
 A checkpoint is therefore: the masters and moments of every (group, part), the step count and the
 step index; the data position and RNG belong to the trainer.
+
+Not state (rebuilt every step): the fp32 gradient of each (group, part), in pinned CPU memory; a
+full-size accumulator per group, or, with `gradient_ring` = n, n group-sized buffers shared by all
+groups (see offload.cpu_optimizer.GradientRing).
+
+Memory (`memory_need`): what each tier must hold for a placement, computed from the model's shapes
+alone (a model on "meta" will do); the trainer checks it before building anything and the runtime
+sizes its swap file from it.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ import shutil
 import tempfile
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -64,6 +75,7 @@ class Placement:
     params: str = "cpu"
     optimizer: str = "cpu"
     activations: str = "cpu"
+    optimizer_cpu_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.params not in STATE_PLACEMENTS:
@@ -72,10 +84,36 @@ class Placement:
             raise ConfigError(f"offload.optimizer={self.optimizer!r}: the Fuyou optimizer runs on the CPU, so its state lives on cpu or ssd")
         if self.activations not in ACTIVATION_PLACEMENTS:
             raise ConfigError(f"offload.activations must be one of {', '.join(ACTIVATION_PLACEMENTS)}; got {self.activations!r}")
+        if self.optimizer_cpu_blocks is not None:
+            if self.optimizer != "ssd":
+                raise ConfigError(
+                    "offload.optimizer_cpu_blocks splits the optimizer state between CPU RAM and the SSD; "
+                    "set offload.optimizer=ssd with it, or drop it to keep every group's state in RAM"
+                )
+            if self.optimizer_cpu_blocks < 0:
+                raise ConfigError(f"offload.optimizer_cpu_blocks must be >= 0 or null, got {self.optimizer_cpu_blocks}")
 
     @property
     def uses_ssd(self) -> bool:
         return "ssd" in (self.params, self.optimizer, self.activations)
+
+    def optimizer_tier(self, group: str) -> str:
+        """Where group "outer" or "block.{j}" keeps its fp32 masters and moments: "cpu" or "ssd".
+
+        With a split (`optimizer_cpu_blocks` = k) the outer group and blocks 0..k-1 stay in RAM and
+        blocks k..L-1 go to the SSD. Why those: backward updates blocks L-1 down to 0, then the outer
+        group, and the next step's forward needs the outer group and block 0 first. With the SSD
+        blocks on top, the disk starts streaming at the first block of backward (its read even
+        starts during forward: the outer group's update reads block L-1's state ahead) and the last
+        updates before the next forward are the fast RAM ones, so that forward waits for no disk.
+        The other way round, the last SSD update (block 0) would sit between backward and the next
+        forward every step. The outer group also stays in RAM because it is updated last and read first.
+        """
+        if self.optimizer == "cpu" or self.optimizer_cpu_blocks is None:
+            return self.optimizer
+        if group == "outer":
+            return "cpu"
+        return "cpu" if int(group.removeprefix("block.")) < self.optimizer_cpu_blocks else "ssd"
 
 
 @dataclass(frozen=True)
@@ -201,71 +239,198 @@ class BlockWeights:
         self.offload_grads("outer", grads, first=True, last=True)
 
 
-def check_fuyou_memory(num_parameters: int, placement: Placement, ssd_dir: str | None) -> None:
-    """Refuses a placement whose CPU-side or SSD-side states cannot fit at all (before activations).
+def model_layouts(model) -> tuple[list[list[FlatLayout]], list[FlatLayout]]:
+    """Each block's parts and the outer group's parts (`split_parts`); shapes only, so "meta" will do."""
+    blocks = [split_parts(list(block.named_parameters())) for block in model.blocks]
+    outer = split_parts([(n, p) for n, p in model.named_parameters() if not n.startswith("blocks.")])
+    return blocks, outer
 
-    Per parameter: the step's fp32 gradient accumulator (4 B) is always in CPU RAM; master weight and
-    moments are 12 B on the optimizer's tier; the streamed weights up to 4 B on the params tier.
+
+STATE_BYTES_PER_PARAM = 12  # fp32 master weight, exp_avg, exp_avg_sq
+GRAD_BYTES_PER_PARAM = 4  # fp32 gradient on the CPU
+# An SSD group's state passes through pinned CPU memory: the group being updated, the next one read
+# ahead and the previous one still being written back (offload.cpu_optimizer).
+SSD_GROUPS_IN_FLIGHT = 3
+# Host memory outside what `memory_need` counts: the interpreter, torch's libraries and, on a GPU
+# machine, the CUDA context and its kernels (a few GB of RSS before any tensor of ours; not measured here).
+PROCESS_RESERVE_BYTES = 4 * 10**9
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What a placement holds in CPU memory and in the swap file (GPU memory is priced by fuyou.plan).
+
+    Attributes:
+        cpu_bytes: peak CPU memory the runtime allocates (the interpreter's and CUDA's own come on top).
+        ssd_bytes: the swap file's size: every SSD home plus the activation extents in flight.
+    """
+
+    cpu_bytes: int
+    ssd_bytes: int
+
+
+def memory_need(model, placement: Placement, *, block_dtype: torch.dtype = torch.bfloat16, gradient_ring: int = 0,
+                activation_numel: int = 0, built_whole: bool = False) -> MemoryNeed:
+    """Bytes per tier for `model` (any device, "meta" too) placed as `placement`.
+
+    CPU: the optimizer state of the groups on "cpu" (12 B/param) and SSD_GROUPS_IN_FLIGHT of the
+    largest SSD group's; streamed weights on "cpu" (compute dtype for matrices, fp32 for the rest);
+    fp32 gradients (4 B for every parameter, or `gradient_ring` largest-group buffers); activations on
+    "cpu" (each block's fp32 input, `activation_numel` = B x S x D elements); and building: one block
+    at a time in fp32, flattened and cast, plus the outer group's fp32 weights. `built_whole`: the
+    model arrives materialised in fp32 (a checkpoint) and its 4 B/param are released block by block
+    as the store fills, so the peak is the larger of that model and the runtime's own need.
+
+    SSD: the homes on "ssd", each padded to 4096 bytes, allocated once and never freed (so the swap
+    file's first-fit allocator never fragments them), plus, with activations on "ssd", one micro-batch's
+    L block inputs and one more whose extent is still being freed when the next micro-batch saves.
+    Those extents are all the same size, so any freed one fits the next: no headroom beyond that.
+    """
+    layouts, outer_layout = model_layouts(model)
+    groups = {f"block.{j}": parts for j, parts in enumerate(layouts)} | {"outer": outer_layout}
+    cpu_bytes = ssd_bytes = 0
+    ssd_group_bytes = [0]
+    for key, parts in groups.items():
+        state_bytes = sum(round_up(STATE_BYTES_PER_PARAM * max(layout.numel, 1)) for layout in parts)
+        if placement.optimizer_tier(key) == "cpu":
+            cpu_bytes += state_bytes
+        else:
+            ssd_bytes += state_bytes
+            ssd_group_bytes.append(state_bytes)
+    cpu_bytes += SSD_GROUPS_IN_FLIGHT * max(ssd_group_bytes)
+    weight_bytes = sum(round_up((block_dtype.itemsize if part == 0 else 4) * max(layout.numel, 1))
+                       for parts in layouts for part, layout in enumerate(parts))
+    if placement.params == "cpu":
+        cpu_bytes += weight_bytes
+    elif placement.params == "ssd":
+        ssd_bytes += weight_bytes
+    group_numels = [[layout.numel for layout in parts] for parts in groups.values()]
+    if gradient_ring:
+        widest = [max(numels[p] for numels in group_numels) for p in range(2)]
+        cpu_bytes += gradient_ring * sum(round_up(GRAD_BYTES_PER_PARAM * max(n, 1)) for n in widest)
+    else:
+        cpu_bytes += sum(round_up(GRAD_BYTES_PER_PARAM * max(n, 1)) for numels in group_numels for n in numels)
+    activation_bytes = round_up(4 * max(activation_numel, 1))
+    if placement.activations == "cpu":
+        cpu_bytes += len(layouts) * activation_bytes
+    elif placement.activations == "ssd":
+        ssd_bytes += (len(layouts) + 1) * activation_bytes
+    block_numel = max((sum(layout.numel for layout in parts) for parts in layouts), default=0)
+    outer_numel = sum(layout.numel for layout in outer_layout)
+    cpu_bytes += block_numel * (4 + 4 + block_dtype.itemsize) + 4 * outer_numel
+    if built_whole:
+        cpu_bytes = max(cpu_bytes, 4 * (outer_numel + sum(layout.numel for parts in layouts for layout in parts)))
+    return MemoryNeed(cpu_bytes, ssd_bytes)
+
+
+def check_fuyou_memory(model, placement: Placement, ssd_dir: str | None, **need_args) -> MemoryNeed:
+    """Refuses a placement whose CPU-side or SSD-side states cannot fit (`memory_need`; before GPU activations).
+
+    Args:
+        model: the model to place; "meta" is enough (only shapes are read).
+        placement: the placement asked for.
+        ssd_dir: where the swap file would go (None: the temporary directory).
+        need_args: `memory_need`'s keyword arguments.
+
+    Returns:
+        The need, when it fits.
 
     Raises:
-        FuyouError: not enough free RAM or disk, with the placement change that would help.
+        FuyouError: one line naming the short resource, by how much, and the placement that fits
+            (an `offload.optimizer_cpu_blocks` split of the optimizer state), or that none does.
     """
     import psutil
 
-    cpu_bytes = 4 * num_parameters
-    ssd_bytes = 0
-    for tier, bytes_per_param in ((placement.optimizer, 12), (placement.params, 4)):
-        if tier == "cpu":
-            cpu_bytes += bytes_per_param * num_parameters
-        elif tier == "ssd":
-            ssd_bytes += bytes_per_param * num_parameters
-    free_cpu_bytes = psutil.virtual_memory().available
-    if cpu_bytes > free_cpu_bytes:
+    directory = ssd_dir or tempfile.gettempdir()
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):  # the swap file creates the directory; its disk is the nearest existing parent's
+        existing = os.path.dirname(existing)
+    free_cpu_bytes = psutil.virtual_memory().available - PROCESS_RESERVE_BYTES
+    free_ssd_bytes = shutil.disk_usage(existing).free
+    need = memory_need(model, placement, **need_args)
+    if need.cpu_bytes <= free_cpu_bytes and (need.ssd_bytes == 0 or need.ssd_bytes <= free_ssd_bytes):
+        return need
+
+    def shortfall(n: MemoryNeed) -> tuple[int, int]:
+        return max(0, n.cpu_bytes - free_cpu_bytes), (max(0, n.ssd_bytes - free_ssd_bytes) if n.ssd_bytes else 0)
+
+    num_parameters = sum(p.numel() for p in model.parameters())
+    cpu_short, ssd_short = shortfall(need)
+    short = " and ".join(text for text, missing in (("RAM", cpu_short), ("disk", ssd_short)) if missing)
+    where = (f"runtime=fuyou with offload.params={placement.params} offload.optimizer={placement.optimizer}"
+             + (f" offload.optimizer_cpu_blocks={placement.optimizer_cpu_blocks}" if placement.optimizer_cpu_blocks is not None else "")
+             + f" needs {need.cpu_bytes / 1e9:.1f} GB of CPU memory ({free_cpu_bytes / 1e9:.1f} GB free beside the process's own "
+             + f"{PROCESS_RESERVE_BYTES / 1e9:.0f} GB)"
+             + (f" and {need.ssd_bytes / 1e9:.1f} GB of swap under {directory} ({free_ssd_bytes / 1e9:.1f} GB free)" if need.ssd_bytes else "")
+             + f" for {num_parameters / 1e9:.2f}B parameters: {short} short by "
+             + " and ".join(f"{missing / 1e9:.1f} GB" for missing in (cpu_short, ssd_short) if missing))
+    # The fix: split the optimizer state per block between RAM and the SSD, as much in RAM as fits.
+    splits = {k: Placement(placement.params, "ssd", placement.activations, k) for k in range(len(model.blocks) + 1)}
+    shortfalls = {k: shortfall(memory_need(model, split, **need_args)) for k, split in splits.items()}
+    fitting = [k for k, missing in shortfalls.items() if not any(missing)]
+    if fitting:
         raise FuyouError(
-            f"runtime=fuyou with offload.params={placement.params} offload.optimizer={placement.optimizer} needs about "
-            f"{cpu_bytes / 1e9:.1f} GB of CPU memory for {num_parameters / 1e9:.2f}B parameters, {free_cpu_bytes / 1e9:.1f} GB free; "
-            f"set offload.optimizer=ssd (and offload.params=ssd) or pick a smaller model"
+            f"{where}; set offload.optimizer=ssd offload.optimizer_cpu_blocks={max(fitting)} (blocks whose optimizer state "
+            f"stays in RAM; {min(fitting)} to {max(fitting)} fit)"
         )
-    if ssd_bytes:
-        directory = ssd_dir or tempfile.gettempdir()
-        free_ssd_bytes = shutil.disk_usage(directory).free if os.path.isdir(directory) else 0
-        if ssd_bytes * 1.25 > free_ssd_bytes:
-            raise FuyouError(
-                f"runtime=fuyou needs about {ssd_bytes * 1.25 / 1e9:.1f} GB of swap space under {directory}, "
-                f"{free_ssd_bytes / 1e9:.1f} GB free; point offload.ssd_dir at a larger (existing) directory"
-            )
+    best = min(shortfalls, key=lambda k: sum(shortfalls[k]))
+    cpu_short, ssd_short = shortfalls[best]
+    raise FuyouError(
+        f"{where}; no split of the optimizer state fits either: the closest, offload.optimizer=ssd "
+        f"offload.optimizer_cpu_blocks={best}, is still short by {cpu_short / 1e9:.1f} GB of RAM and {ssd_short / 1e9:.1f} GB "
+        f"of disk; pick a smaller model, free disk under {directory}, or use a machine with more memory"
+    )
 
 
 class FuyouRuntime:
     """Trains `model` with its states placed across GPU, CPU and SSD; `step()` like ReferenceTrainer.
 
     Args:
-        model: a `fuyou.models.Transformer` with fp32 parameters on the CPU. The runtime takes it over:
-            the outer parameters move to `device`, the blocks' storage is released (blocks become
-            templates on "meta") until `sync_model()` writes the trained weights back.
+        model: a `fuyou.models.Transformer` with fp32 parameters on the CPU, or on "meta" with an
+            `initializer` to build them. The runtime takes it over: the outer parameters move to
+            `device`, each block's storage is released (blocks become templates on "meta") as soon
+            as the store holds its copies, until `sync_model()` writes the trained weights back.
         device: the compute device ("cuda" or "cpu").
         lr, warmup_steps, total_steps, min_lr_ratio, weight_decay, betas, eps, max_grad_norm, precision:
             as `ReferenceTrainer`.
-        params, optimizer, activations: the placement (see module docstring).
+        params, optimizer, activations, optimizer_cpu_blocks: the placement (see module docstring).
         gpu_memory_gb, cpu_memory_gb: caps on GPU memory and the pinned CPU pool (None: no cap).
         ssd_dir: directory for the swap file; None: a temporary directory, removed by `close()`.
         prefetch_depth: blocks fetched ahead of compute.
         micro_batch_tokens: B x S of one micro-batch, to size the SSD swap file for activations.
         optimizer_kernel: "torch" (fused CPU AdamW) or "deepspeed" (DeepSpeedCPUAdam).
+        gradient_ring: 0: a full-size fp32 gradient accumulator per group; n > 0: n group-sized
+            buffers shared by all groups, taken as gradients leave the device and returned after each
+            group's update (offload.cpu_optimizer.GradientRing). Only for steps of one micro-batch
+            without clipping (`max_grad_norm` None): a clipping fix-up, a deferred update or the next
+            micro-batch would need a gradient after its group's update.
+        initializer: a `fuyou.models.Initializer` for a model on "meta": its pieces are materialised
+            and initialised on the CPU one at a time, in its order, each block released to "meta"
+            again once flattened into the store, so the whole model never exists in fp32 at once.
 
     Raises:
-        ConfigError: an invalid placement.
+        ConfigError: an invalid placement, or a gradient ring with clipping.
         OffloadError: a cap too small for the placement, or no room for the swap file.
     """
 
     def __init__(self, model, *, device: str | torch.device = "cpu", lr: float, warmup_steps: int, total_steps: int,
                  min_lr_ratio: float = 0.1, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, max_grad_norm: float | None = None, precision: str = "fp32",
-                 params: str = "cpu", optimizer: str = "cpu", activations: str = "cpu",
+                 params: str = "cpu", optimizer: str = "cpu", activations: str = "cpu", optimizer_cpu_blocks: int | None = None,
                  gpu_memory_gb: float | None = None, cpu_memory_gb: float | None = None, ssd_dir: str | None = None,
-                 prefetch_depth: int = 1, micro_batch_tokens: int = 0, optimizer_kernel: str = "torch") -> None:
+                 prefetch_depth: int = 1, micro_batch_tokens: int = 0, optimizer_kernel: str = "torch",
+                 gradient_ring: int = 0, initializer: Callable | None = None) -> None:
         assert precision in ("fp32", "bf16"), precision
-        self.placement = Placement(params, optimizer, activations)
+        self.placement = Placement(params, optimizer, activations, optimizer_cpu_blocks)
+        num_layers = len(model.blocks)
+        if optimizer_cpu_blocks is not None and optimizer_cpu_blocks > num_layers:
+            raise ConfigError(f"offload.optimizer_cpu_blocks={optimizer_cpu_blocks} but the model has {num_layers} blocks; use 0 to {num_layers}")
+        if gradient_ring and max_grad_norm is not None:
+            raise ConfigError(
+                "a gradient ring returns each group's gradient after its update, but clipping may need it again "
+                "(fix-up or deferred update); set train.max_grad_norm=null or use full-size gradient buffers"
+            )
+        self.gradient_ring = gradient_ring
         self.device = torch.device(device)
         self.model = model
         self.schedule_args = dict(peak_lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio)
@@ -282,39 +447,50 @@ class FuyouRuntime:
         compute_tier = Tier.GPU if is_cuda else Tier.CPU
         block_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         dtypes = [block_dtype, torch.float32]
-
-        named_blocks = [list(block.named_parameters()) for block in model.blocks]
-        layouts = [split_parts(named) for named in named_blocks]
-        outer_named = [(n, p) for n, p in model.named_parameters() if not n.startswith("blocks.")]
-        outer_layout = split_parts(outer_named)
+        layouts, outer_layout = model_layouts(model)  # shapes: valid on "meta" too
 
         self._owned_ssd_dir = None
         if self.placement.uses_ssd and ssd_dir is None:
             ssd_dir = self._owned_ssd_dir = tempfile.mkdtemp(prefix="fuyou-swap-")
-        ssd_num_bytes = self._ssd_bytes(layouts, outer_layout, block_dtype, micro_batch_tokens * model.config.hidden_size)
+        need = memory_need(model, self.placement, block_dtype=block_dtype, gradient_ring=gradient_ring,
+                           activation_numel=micro_batch_tokens * model.config.hidden_size)
         self.store = TieredStore(
             ssd_dir=ssd_dir if self.placement.uses_ssd else None,
-            ssd_num_bytes=ssd_num_bytes,
+            ssd_num_bytes=need.ssd_bytes,
             cpu_cap_bytes=None if cpu_memory_gb is None else int(cpu_memory_gb * GiB),
             gpu_cap_bytes=None if gpu_memory_gb is None or not is_cuda else int(gpu_memory_gb * GiB),
             device=self.device if is_cuda else None,
         )
         try:
-            self.optimizer = OffloadedAdamW(self.store, self.placement.optimizer, betas=betas, eps=eps, kernel=optimizer_kernel)
+            self.optimizer = OffloadedAdamW(self.store, self.placement.optimizer, betas=betas, eps=eps, kernel=optimizer_kernel,
+                                            gradient_ring=gradient_ring)
             params_tier = compute_tier if self.placement.params == "gpu" else Tier(self.placement.params)
             self.weights = BlockWeights(self.store, self.optimizer, layouts, dtypes, params_tier, compute_tier)
             decays = [weight_decay, 0.0]
-            for j, named in enumerate(named_blocks):
-                masters = [layout.flatten([dict(named)[n] for n in layout.names], torch.float32) for layout in layouts[j]]
+            block_index = {id(block): j for j, block in enumerate(model.blocks)}
+            # Pieces in the initializer's order (its generator's draws follow it): embeddings, blocks, head.
+            for piece in initializer.pieces() if initializer is not None else list(model.blocks):
+                if initializer is not None:
+                    initializer.materialize(piece)
+                if id(piece) not in block_index:
+                    continue  # an outer piece: made resident below, with the rest of the outer group
+                j = block_index[id(piece)]
+                named = dict(piece.named_parameters())
+                masters = [layout.flatten([named[n] for n in layout.names], torch.float32) for layout in layouts[j]]
+                del named
                 self.weights.put(j, masters)
-                self.optimizer.add_group(f"block.{j}", masters, decays, lambda m, j=j: self.weights.publish(j, m))
+                key = f"block.{j}"
+                self.optimizer.add_group(key, masters, decays, lambda m, j=j: self.weights.publish(j, m),
+                                         tier=self.placement.optimizer_tier(key))
+                del masters
+                # The block's own storage is no longer needed: the store holds every copy the step reads.
+                piece.to("meta")
+            outer_named = [(n, p) for n, p in model.named_parameters() if not n.startswith("blocks.")]
             self._make_outer_resident(outer_named, outer_layout)
-            self.optimizer.add_group("outer", self._outer_flat, decays, self._publish_outer)
+            self.optimizer.add_group("outer", self._outer_flat, decays, self._publish_outer, tier=self.placement.optimizer_tier("outer"))
         except BaseException:
             self.close()
             raise
-        # The blocks' own storage is no longer needed: the store holds every copy the step reads.
-        model.blocks.to("meta")
 
         activation_tier = "cpu" if activations in ("gpu", "none") else activations
         self.schedule = FuyouSchedule(
@@ -322,19 +498,6 @@ class FuyouRuntime:
             lambda: ActivationSwap(self.store, activation_tier, compute_tier, keep=activations in ("gpu", "none")),
             recompute_inputs=activations == "none", device=self.device, bf16=precision == "bf16", prefetch_depth=prefetch_depth,
         )
-
-    def _ssd_bytes(self, layouts, outer_layout, block_dtype, activation_numel: int) -> int:
-        placement, total = self.placement, 0
-        for parts in layouts + [outer_layout]:
-            for part, layout in enumerate(parts):
-                if placement.optimizer == "ssd":
-                    total += round_up(3 * 4 * max(layout.numel, 1))
-                if placement.params == "ssd" and parts is not outer_layout:
-                    total += round_up((block_dtype.itemsize if part == 0 else 4) * max(layout.numel, 1))
-        if placement.activations == "ssd":
-            total += len(layouts) * round_up(4 * max(activation_numel, 1))
-        # Headroom for the swap file's allocator: extents freed and reallocated in a different order.
-        return int(total * 1.25) + (16 << 20) if placement.uses_ssd else 0
 
     def _make_outer_resident(self, outer_named, outer_layout) -> None:
         """Embedding, final norm, head: fp32 on the compute device, as views of two flat buffers."""
@@ -355,6 +518,11 @@ class FuyouRuntime:
         Returns once the loss and gradient norm are known; updates that are still running finish
         before the next step (or `sync_model()`) reads the weights they write.
         """
+        if self.gradient_ring and len(micro_batches) != 1:
+            raise ConfigError(
+                f"a gradient ring holds one micro-batch's gradient per group, but this step has {len(micro_batches)}; "
+                "set train.grad_accum=1 or use full-size gradient buffers (gradient_ring=0)"
+            )
         self.model.train()
         lr = lr_at_step(self.step_index, **self.schedule_args)
         speculate = self.max_grad_norm is None or not self._clipped_last_step

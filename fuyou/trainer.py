@@ -32,7 +32,7 @@ from fuyou.data import build_dataset, check_vocab
 from fuyou.errors import ConfigError, FuyouError
 from fuyou.measure import Meter, flops_per_token
 from fuyou.metrics import MetricsLog, StepMetrics, TrainSummary, model_tflops, peak_cpu_bytes, peak_gpu_bytes, progress_postfix
-from fuyou.models import build_model, from_pretrained, resolve_config, save_pretrained
+from fuyou.models import Initializer, build_model, from_pretrained, resolve_config, save_pretrained
 from fuyou.reference import ReferenceTrainer
 from fuyou.runtime import FuyouRuntime, Placement, check_fuyou_memory
 from fuyou.tokenizer import HFTokenizer, load_tokenizer
@@ -93,7 +93,16 @@ class Trainer:
                 warnings.warn("the offload section is ignored by runtime=reference, which keeps every state on one device")
         else:
             placement = _fuyou_placement(config)  # validates before anything is built
-            check_fuyou_memory(self.num_parameters, placement, config.offload.ssd_dir)
+            # A randomly initialised model is built block by block inside the runtime (from "meta"), so
+            # the whole model never exists in fp32 at once; a checkpoint is loaded whole first.
+            build_lazily = config.model.path is None and config.quant.mode == "none"
+            # Nothing needs a group's gradient after its own update without accumulation or clipping.
+            gradient_ring = config.offload.gradient_ring if train.grad_accum == 1 and train.max_grad_norm is None else 0
+            check_fuyou_memory(
+                build_model(self.model_config, device="meta"), placement, config.offload.ssd_dir,
+                block_dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32, gradient_ring=gradient_ring,
+                activation_numel=train.batch_size * train.seq_len * self.model_config.hidden_size, built_whole=not build_lazily,
+            )
         self._check_output_dir()
 
         self.dataset = build_dataset(
@@ -107,8 +116,13 @@ class Trainer:
         torch.manual_seed(config.seed)
         # The Fuyou runtime takes the model from CPU memory and places its states itself.
         model_device = self.device if config.runtime == "reference" else torch.device("cpu")
+        initializer = None
         if config.model.path is not None:
             self.model = from_pretrained(config.model.path, device=model_device, dtype=torch.float32)
+        elif config.runtime == "fuyou" and build_lazily:
+            # The same values build_model(seed=config.seed) gives, drawn piece by piece (fuyou.models.Initializer).
+            self.model = build_model(self.model_config, device="meta", dtype=torch.float32)
+            initializer = Initializer(self.model, seed=config.seed)
         else:
             self.model = build_model(self.model_config, device=model_device, dtype=torch.float32, seed=config.seed)
         optimizer = self._apply_quant(config)
@@ -139,6 +153,8 @@ class Trainer:
                 ssd_dir=offload.ssd_dir,
                 prefetch_depth=offload.prefetch_depth,
                 micro_batch_tokens=train.batch_size * train.seq_len,
+                gradient_ring=gradient_ring,
+                initializer=initializer,
             )
         self._batches = self.dataset.batches(train.batch_size)
         self.steps_done = 0
@@ -388,10 +404,12 @@ def _check_memory(num_parameters: int, device: torch.device, bytes_per_param: in
 def _fuyou_placement(config: TrainConfig) -> Placement:
     """offload.* as a Placement; unset entries take the defaults until the planner (issue 5) exists."""
     offload, defaults = config.offload, Placement()
+    split = offload.optimizer_cpu_blocks is not None  # a split of the optimizer state implies it is on ssd
     return Placement(
         params=offload.params or defaults.params,
-        optimizer=offload.optimizer or defaults.optimizer,
+        optimizer=offload.optimizer or ("ssd" if split else defaults.optimizer),
         activations=offload.activations or defaults.activations,
+        optimizer_cpu_blocks=offload.optimizer_cpu_blocks,
     )
 
 

@@ -49,7 +49,7 @@ def median_unclipped_norm(model, data):
 
 
 PLACEMENTS = [
-    # preset, shape changes, (params, optimizer, activations), grad_accum, prefetch depth
+    # preset, shape changes, (params, optimizer, activations[, optimizer_cpu_blocks]), grad_accum, prefetch depth
     pytest.param("tiny-llama", {}, ("cpu", "cpu", "cpu"), 2, 1, id="llama-cpu-cpu-cpu"),
     # grad_accum 1: gradients land in the accumulators and the compute device takes the norms
     pytest.param("tiny-gpt3", ODD_GPT, ("cpu", "ssd", "cpu"), 1, 2, id="odd-gpt-cpu-ssd-cpu-ga1"),
@@ -57,6 +57,9 @@ PLACEMENTS = [
     pytest.param("tiny-llama", ODD_LLAMA, ("ssd", "ssd", "ssd"), 3, 2, id="odd-llama-ssd-ssd-ssd"),
     pytest.param("tiny-gpt3", ODD_GPT, ("ssd", "cpu", "gpu"), 2, 0, id="odd-gpt-ssd-cpu-gpu"),
     pytest.param("tiny-llama", ODD_LLAMA, ("gpu", "cpu", "none"), 2, 2, id="odd-llama-gpu-cpu-none"),
+    # the optimizer state split per group: block 0 and the outer group in RAM, blocks 1 and 2 on SSD
+    pytest.param("tiny-llama", ODD_LLAMA, ("cpu", "ssd", "ssd", 1), 2, 2, id="odd-llama-cpu-split1-ssd"),
+    pytest.param("tiny-gpt3", ODD_GPT, ("ssd", "ssd", "cpu", 2), 3, 1, id="odd-gpt-ssd-split2-cpu-ga3"),
 ]
 
 
@@ -73,11 +76,15 @@ def test_fuyou_matches_the_reference_every_step(preset, changes, placement, grad
     max_grad_norm = median_unclipped_norm(model, data)
     reference_model, fuyou_model = copy.deepcopy(model), copy.deepcopy(model)
     reference = ReferenceTrainer(reference_model, max_grad_norm=max_grad_norm, **SCHEDULE)
-    params, optimizer, activations = placement
+    params, optimizer, activations, *split = placement
     runtime = FuyouRuntime(
         fuyou_model, max_grad_norm=max_grad_norm, params=params, optimizer=optimizer, activations=activations,
+        optimizer_cpu_blocks=split[0] if split else None,
         ssd_dir=str(tmp_path), prefetch_depth=depth, micro_batch_tokens=2 * 24, **SCHEDULE,
     )
+    if split:
+        tiers = {key: group.tier.value for key, group in runtime.optimizer.groups.items()}
+        assert tiers == {"outer": "cpu"} | {f"block.{j}": "cpu" if j < split[0] else "ssd" for j in range(config.num_layers)}
     clipped = []
     try:
         for batches in data:
