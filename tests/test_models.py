@@ -182,3 +182,22 @@ def test_initializing_piece_by_piece_from_meta_gives_build_models_weights(name):
         initialize.materialize(piece)
     for (key, expected), got in zip(build_model(config, seed=3).state_dict().items(), model.state_dict().values()):
         assert torch.equal(got, expected), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the padded head GEMM is the CUDA path")
+def test_cuda_head_pads_an_odd_vocabulary_without_changing_values_or_gradients():
+    config = get_preset("tiny-gpt3").replace(vocab_size=1001)
+    model = build_model(config, device="cuda", dtype=torch.float32, seed=0)
+    x_BSD = torch.randn(2, 8, config.hidden_size, device="cuda", requires_grad=True)
+    logits_BSV = model.head(x_BSD)
+    assert logits_BSV.shape == (2, 8, 1001)
+    grad_BSV = torch.randn_like(logits_BSV)
+    logits_BSV.backward(grad_BSV)
+    padded_grads = (x_BSD.grad.clone(), model.token_embedding.weight.grad.clone())
+    x_BSD.grad, model.token_embedding.weight.grad = None, None
+    plain_BSV = torch.nn.functional.linear(model.final_norm(x_BSD), model.token_embedding.weight)
+    plain_BSV.backward(grad_BSV)
+    torch.testing.assert_close(logits_BSV, plain_BSV)
+    torch.testing.assert_close(padded_grads[0], x_BSD.grad)
+    torch.testing.assert_close(padded_grads[1], model.token_embedding.weight.grad)
