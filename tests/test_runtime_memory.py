@@ -219,7 +219,7 @@ def _machine(monkeypatch, *, ram_gb: float, disk_gb: float) -> None:
 
 def test_check_names_the_short_resource_and_the_split_that_fits(monkeypatch, tmp_path):
     model = build_model(get_preset("gpt3-13b").replace(num_layers=32), device="meta")
-    args = dict(block_dtype=torch.bfloat16, gradient_ring=4, activation_numel=8 * 2048 * 5120)
+    args = {"block_dtype": torch.bfloat16, "gradient_ring": 4, "activation_numel": 8 * 2048 * 5120}
     _machine(monkeypatch, ram_gb=120, disk_gb=62)
     with pytest.raises(FuyouError) as everything_in_ram:
         check_fuyou_memory(model, Placement("cpu", "cpu", "cpu"), str(tmp_path), **args)
