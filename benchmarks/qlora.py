@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -109,8 +110,19 @@ def init_on_gpu(module) -> None:
             submodule.bias.zero_()
 
 
-def time_steps(args, step) -> tuple[list[float], list[float]]:
-    """(seconds, loss) of each of `args.steps` calls of step(batch); peak memory counts from here."""
+@dataclass
+class StepLoss:
+    loss: float
+
+
+def time_steps(args, step) -> tuple[list[float], list[float], dict]:
+    """(seconds, loss) of each of `args.steps` calls of step([batch]); peak memory counts from here.
+
+    With --profile, one more step runs under torch.profiler, and the third item holds what its kernels
+    add up to: `profile_kernel_s` (compute kernels, copies and memsets left out), `profile_kernels`
+    (their number) and `profile_copy_s`. Kernel time over the unprofiled median step is the share of
+    the step the GPU computes; the rest is the GPU waiting, for the host to launch work or for copies.
+    """
     batches = synthetic_batches(args)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -119,7 +131,21 @@ def time_steps(args, step) -> tuple[list[float], list[float]]:
         start_s = time.perf_counter()
         losses.append(step([next(batches)]).loss)  # .item() inside synchronises
         step_s.append(time.perf_counter() - start_s)
-    return step_s, losses
+    if not args.profile:
+        return step_s, losses, {}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        step([next(batches)])
+    device_events = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
+    copies = [e for e in device_events if e.name.startswith(("Memcpy", "Memset"))]
+    kernels = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))]
+    return step_s, losses, {
+        "profile_kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
+        "profile_kernels": len(kernels),
+        "profile_copy_s": sum(e.time_range.elapsed_us() for e in copies) / 1e6,
+    }
 
 
 def run_ours(args, checkpointing: bool) -> dict:
@@ -143,8 +169,9 @@ def run_ours(args, checkpointing: bool) -> dict:
     if args.gpu_memory_gb is not None:
         torch.cuda.empty_cache()  # the fp32 model's blocks, cached by the allocator since quantization
         cap_gpu_memory(int(args.gpu_memory_gb * GiB))
-    step_s, losses = time_steps(args, trainer.step)
+    step_s, losses, profile = time_steps(args, trainer.step)
     return {
+        **profile,
         "command": "equivalent to: " + shlex.join(["fuyou", "train", "--config", "configs/tiny.yaml",
                                                    *ours_overrides(args, checkpointing)]),
         "build_s": build_s,
@@ -184,9 +211,11 @@ def run_stream(args) -> dict:
     build_peak_allocated_bytes = torch.cuda.max_memory_allocated()
     print(f"ours-stream: built in {build_s:.1f} s, NF4 {trainer.nf4_bytes / 1e9:.2f} GB in pinned CPU memory", file=sys.stderr, flush=True)
     h2d_before = store.moved_bytes["h2d"]
-    step_s, losses = time_steps(args, trainer.step)
+    step_s, losses, profile = time_steps(args, trainer.step)
     h2d_bytes = store.moved_bytes["h2d"] - h2d_before
+    steps = args.steps + (1 if profile else 0)
     result = {
+        **profile,
         "command": "equivalent to: " + shlex.join(["fuyou", "train", "--config", "configs/tiny.yaml",
                                                    *ours_overrides(args, checkpointing=True, stream=True)]),
         "build_s": build_s,
@@ -198,7 +227,7 @@ def run_stream(args) -> dict:
         "nf4_pinned_bytes": trainer.nf4_bytes,
         "pinned_pool_peak_bytes": store.pool.report()["peak_bytes"],
         "gpu_store_peak_bytes": store.gpu_budget.peak_bytes,
-        "streamed_bytes_per_step": h2d_bytes / args.steps,
+        "streamed_bytes_per_step": h2d_bytes / steps,
         "gpu_cap_bytes": cap_bytes,
         "prefetch_depth": args.prefetch_depth,
     }
@@ -249,14 +278,11 @@ def run_hf(args) -> dict:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW8bit(trainable, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    batches = synthetic_batches(args)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - build_start_s
-    torch.cuda.reset_peak_memory_stats()
-    step_s, losses = [], []
-    for _ in range(args.steps):
-        start_s = time.perf_counter()
-        batch = next(batches)
+
+    def step(micro_batches):
+        (batch,) = micro_batches
         input_ids, labels = batch.input_ids.cuda(), batch.labels.cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):  # what HF Trainer(bf16=True) does
             logits = model(input_ids=input_ids).logits
@@ -265,8 +291,9 @@ def run_hf(args) -> dict:
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # synchronises
-        step_s.append(time.perf_counter() - start_s)
+        return StepLoss(loss.item())  # synchronises
+
+    step_s, losses, profile = time_steps(args, step)
     return {
         "command": "python -m benchmarks.qlora --variants hf (the recipe in the module docstring)",
         "build_s": build_s,
@@ -274,6 +301,7 @@ def run_hf(args) -> dict:
         "losses": losses,
         "tokens_per_step": args.batch_size * args.seq_len,
         "trainable_parameters": sum(p.numel() for p in trainable),
+        **profile,
     }
 
 
@@ -313,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU cap per variant (see the docstring)")
     parser.add_argument("--prefetch-depth", type=int, default=1, help="ours-stream: blocks fetched ahead")
     parser.add_argument("--variant-timeout-s", type=float, default=VARIANT_TIMEOUT_S)
+    parser.add_argument("--profile", action="store_true", help="one more step under torch.profiler: GPU kernel time")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant in this process (the worker)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -335,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         worker += ["--num-layers", str(args.num_layers)]
     if args.gpu_memory_gb is not None:
         worker += ["--gpu-memory-gb", str(args.gpu_memory_gb)]
+    if args.profile:
+        worker.append("--profile")
     for variant in args.variants:
         try:
             completed = subprocess.run([*worker, "--variant", variant], check=False, capture_output=True, text=True,
@@ -352,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             run = result["runs"][-1]
             print(f"{variant}: {run['tokens_per_s']:,.0f} tok/s, peak allocated {run['peak_allocated_bytes'] / 2**30:.2f} GiB, "
                   f"build {run['build_s']:.0f} s, losses {[round(x, 3) for x in run['losses']]}", flush=True)
+            if "profile_kernel_s" in run:
+                print(f"{variant}: profiled step: {run['profile_kernels']:,} kernels, {run['profile_kernel_s']:.3f} s of kernels "
+                      f"({run['profile_kernel_s'] / run['median_step_s']:.0%} of the median step), "
+                      f"{run['profile_copy_s']:.3f} s of copies", flush=True)
             if "nf4_pinned_bytes" in run:
                 print(f"{variant}: NF4 in pinned CPU memory {run['nf4_pinned_bytes'] / 1e9:.2f} GB, streamed "
                       f"{run['streamed_bytes_per_step'] / 1e9:.1f} GB per step, GPU store peak "
