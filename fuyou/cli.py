@@ -20,7 +20,7 @@ overrides:
   beta1, beta2, eps, max_grad_norm, activation_checkpointing, precision, log_every, save_final),
   offload (params, optimizer, activations, gpu_memory_gb, cpu_memory_gb, ssd_dir, prefetch_depth),
   quant (mode: none | halo | qlora, halo_level, lora_rank, lora_alpha, lora_dropout, lora_targets,
-  optimizer_bits, save_merged),
+  optimizer_bits, save_merged, stream),
   and top-level runtime, device, seed, plan (manual | auto: the planner places states for
   runtime=fuyou) and hardware (a profile from fuyou probe for plan=auto; default: probe this machine).
 

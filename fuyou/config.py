@@ -134,7 +134,11 @@ class QuantConfig:
     NF4 base weights from bitsandbytes, trainable LoRA adapters from peft, bitsandbytes' paged AdamW
     with `optimizer_bits` 8 or 32; runtime=reference; final/ holds the adapters in PEFT format, and
     final-merged/ a full model when `save_merged`). `lora_targets`: comma-separated module names
-    (qkv_proj, o_proj, gate_up_proj, down_proj, up_proj); None: every block linear.
+    (qkv_proj, o_proj, gate_up_proj, down_proj, up_proj); None: every block linear. `stream` (qlora):
+    each block's NF4 weights live in pinned CPU memory and are fetched to the GPU ahead of use
+    (offload.prefetch_depth blocks ahead, under offload.gpu_memory_gb), every block is checkpointed and
+    recomputed, the frozen embedding and head are kept in the compute dtype and the loss is taken in
+    token chunks (quant/qlora_stream.py); for models whose 4-bit weights exceed the GPU.
     """
 
     mode: str = "none"
@@ -145,6 +149,7 @@ class QuantConfig:
     lora_targets: str | None = None
     optimizer_bits: int = 32
     save_merged: bool = False
+    stream: bool = False
 
 
 @dataclass
@@ -236,7 +241,9 @@ class TrainConfig:
         if quant.optimizer_bits not in (8, 32):
             raise ConfigError(f"quant.optimizer_bits must be 8 or 32, got {quant.optimizer_bits}")
         if quant.mode == "qlora" and self.runtime != "reference":
-            raise ConfigError("quant.mode=qlora runs on runtime=reference (streaming 4-bit blocks through runtime=fuyou is not built yet)")
+            raise ConfigError("quant.mode=qlora runs on runtime=reference; quant.stream=true streams its 4-bit blocks from CPU memory")
+        if quant.stream and quant.mode != "qlora":
+            raise ConfigError(f"quant.stream streams QLoRA's 4-bit blocks; set quant.mode=qlora or drop quant.stream (got quant.mode={quant.mode})")
         model = self.model
         shape_keys = [f.name for f in dataclasses.fields(model) if f.name not in ("preset", "path")]
         if model.path is not None and any(getattr(model, k) is not None for k in shape_keys):

@@ -16,6 +16,7 @@ output directory) is checked in `__init__`, before a byte is written, and raised
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -86,7 +87,12 @@ class Trainer:
                 f"lower train.seq_len or raise model.max_seq_len"
             )
         self.num_parameters = self.model_config.num_parameters()
-        if config.runtime == "reference":
+        streamed = config.quant.mode == "qlora" and config.quant.stream
+        if streamed:
+            # Only the blocks in flight, adapters, checkpoints and the bf16 embedding/head are on the GPU,
+            # under offload.gpu_memory_gb; the NF4 blocks are in pinned CPU memory (the pool's cap).
+            _warn_ignored_offload_keys(config)
+        elif config.runtime == "reference":
             # QLoRA's peak is the fp32 model built before its block linears become NF4.
             _check_memory(self.num_parameters, self.device, bytes_per_param=4 if config.quant.mode == "qlora" else REFERENCE_BYTES_PER_PARAM)
             if config.offload != type(config.offload)():
@@ -115,7 +121,7 @@ class Trainer:
         )
         torch.manual_seed(config.seed)
         # The Fuyou runtime takes the model from CPU memory and places its states itself.
-        model_device = self.device if config.runtime == "reference" else torch.device("cpu")
+        model_device = self.device if config.runtime == "reference" and not streamed else torch.device("cpu")
         initializer = None
         if config.model.path is not None:
             self.model = from_pretrained(config.model.path, device=model_device, dtype=torch.float32)
@@ -123,9 +129,11 @@ class Trainer:
             # The same values build_model(seed=config.seed) gives, drawn piece by piece (fuyou.models.Initializer).
             self.model = build_model(self.model_config, device="meta", dtype=torch.float32)
             initializer = Initializer(self.model, seed=config.seed)
+        elif streamed:  # materialised and quantized block by block (quant.qlora_stream)
+            self.model = build_model(self.model_config, device="meta", dtype=torch.float32)
         else:
             self.model = build_model(self.model_config, device=model_device, dtype=torch.float32, seed=config.seed)
-        optimizer = self._apply_quant(config)
+        optimizer = None if streamed else self._apply_quant(config)
         optimization = dict(
             lr=train.lr,
             warmup_steps=train.warmup_steps,
@@ -137,7 +145,10 @@ class Trainer:
             max_grad_norm=train.max_grad_norm,
             precision=self.precision,
         )
-        if config.runtime == "reference":
+        if streamed:
+            self.runtime = self._streamed_qlora(config, optimization)
+            self.model = self.runtime.model
+        elif config.runtime == "reference":
             self.runtime = ReferenceTrainer(
                 self.model, activation_checkpointing=train.activation_checkpointing, optimizer=optimizer, **optimization
             )
@@ -231,7 +242,12 @@ class Trainer:
             result = self.runtime.step(micro_batches)
         except torch.cuda.OutOfMemoryError:
             # runtime=fuyou always checkpoints per block; what it can still move off the GPU are the checkpoints.
-            also = "set train.activation_checkpointing=true" if self.config.runtime == "reference" else "set offload.activations=cpu"
+            if self.config.quant.stream:
+                also = "lower offload.prefetch_depth"  # it already checkpoints every block
+            elif self.config.runtime == "reference":
+                also = "set train.activation_checkpointing=true"
+            else:
+                also = "set offload.activations=cpu"
             raise FuyouError(
                 f"GPU out of memory in step {step} (batch {train.batch_size} x {train.seq_len} tokens); "
                 f"lower train.batch_size (and raise train.grad_accum) or {also}"
@@ -259,13 +275,15 @@ class Trainer:
         placement = self.runtime.placement if isinstance(self.runtime, FuyouRuntime) else None
         per_token = flops_per_token(
             self.num_parameters, model.num_block_parameters(), model.num_layers, runtime=self.config.runtime,
-            activations=placement.activations if placement else None, activation_checkpointing=train.activation_checkpointing,
+            activations=placement.activations if placement else None,
+            activation_checkpointing=train.activation_checkpointing or self.config.quant.stream,  # streamed QLoRA recomputes
         )
         hardware = self.hardware
         peak = hardware.gpu_tflops if hardware is not None and hardware.compute_device == self.device.type else None
         fuyou = isinstance(self.runtime, FuyouRuntime)
         return Meter(self.device, num_parameters=self.num_parameters, flops_per_token=per_token, peak_tflops=peak,
-                     store=self.runtime.store if fuyou else None, optimizer=self.runtime.optimizer if fuyou else None)
+                     store=getattr(self.runtime, "store", None),  # runtime=fuyou's, or streamed QLoRA's
+                     optimizer=self.runtime.optimizer if fuyou else None)
 
     def drain(self) -> None:
         """Wait for the work the last step queued: CPU updates, their copies, the device's queue."""
@@ -278,8 +296,41 @@ class Trainer:
 
     def close(self) -> None:
         """Release the runtime (its optimizer thread, pinned memory and swap files); idempotent."""
-        if isinstance(self.runtime, FuyouRuntime):
+        if hasattr(self.runtime, "close"):  # runtime=fuyou, streamed QLoRA
             self.runtime.close()
+
+    def _streamed_qlora(self, config: TrainConfig, optimization: dict):
+        """quant.stream: self.model (on "meta", or loaded on the CPU) quantized block by block into a tiered
+        store's pinned CPU memory, LoRA on the GPU; returns the `StreamedQLoRA` that trains it."""
+        from offload import GiB, TieredStore
+        from quant.qlora import make_paged_adamw
+        from quant.qlora_stream import StreamedQLoRA, build_streamed_qlora
+
+        quant, offload, cuda = config.quant, config.offload, self.device.type == "cuda"
+        store = TieredStore(
+            cpu_cap_bytes=None if offload.cpu_memory_gb is None else int(offload.cpu_memory_gb * GiB),
+            gpu_cap_bytes=None if offload.gpu_memory_gb is None or not cuda else int(offload.gpu_memory_gb * GiB),
+            device=self.device if cuda else None,
+        )
+        try:
+            # The values build_model(seed=config.seed) gives, drawn piece by piece on the CPU.
+            materialize = None
+            if config.model.path is None:
+                initializer = Initializer(self.model, seed=config.seed)
+                materialize = functools.partial(initializer.materialize, device=self.device)
+            targets = [name.strip() for name in quant.lora_targets.split(",")] if quant.lora_targets else None
+            model, payloads = build_streamed_qlora(
+                self.model, store=store, device=self.device, materialize=materialize, rank=quant.lora_rank,
+                alpha=quant.lora_alpha, dropout=quant.lora_dropout, target_modules=targets,
+            )
+            optimizer = make_paged_adamw(model, lr=optimization["lr"], betas=optimization["betas"], eps=optimization["eps"],
+                                         weight_decay=optimization["weight_decay"], optim_bits=quant.optimizer_bits)
+            schedule = {key: optimization[key] for key in ("lr", "warmup_steps", "total_steps", "min_lr_ratio", "max_grad_norm", "precision")}
+            return StreamedQLoRA(model, payloads, store, device=self.device, optimizer=optimizer,
+                                 prefetch_depth=offload.prefetch_depth, **schedule)
+        except BaseException:
+            store.close()
+            raise
 
     def _apply_quant(self, config: TrainConfig):
         """Applies quant.mode to self.model in place; returns the optimizer QLoRA needs, else None."""
@@ -312,7 +363,7 @@ class Trainer:
             if self.config.quant.save_merged:
                 merged = self.output_dir / ".final-merged.partial"
                 _remove(merged)
-                save_merged(self.model, merged)
+                save_merged(self.model, merged, block_scope=getattr(self.runtime, "resident", None))
                 os.replace(merged, self.output_dir / "final-merged")
         else:
             save_pretrained(self.model, staging)
@@ -399,6 +450,16 @@ def _check_memory(num_parameters: int, device: torch.device, bytes_per_param: in
             f"({bytes_per_param} bytes per parameter before activations), {free_bytes / 1e9:.1f} GB free; "
             f"pick a smaller model.preset or a machine with more memory"
         )
+
+
+def _warn_ignored_offload_keys(config: TrainConfig) -> None:
+    """Streamed QLoRA reads offload.gpu_memory_gb, cpu_memory_gb and prefetch_depth; it places nothing else."""
+    offload, defaults = config.offload, type(config.offload)()
+    ignored = [f"offload.{name}" for name in ("params", "optimizer", "activations", "ssd_dir", "optimizer_cpu_blocks", "gradient_ring")
+               if getattr(offload, name) != getattr(defaults, name)]
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)} ignored by quant.stream, which keeps NF4 blocks in pinned CPU memory "
+                      "and everything else on the compute device")
 
 
 def _fuyou_placement(config: TrainConfig) -> Placement:

@@ -1,0 +1,172 @@
+"""Streamed QLoRA (quant.stream): every step equals unstreamed QLoRA, the NF4 blocks really move through the
+tiered store, the store's caps hold, and the adapters still export in PEFT format.
+
+On the CPU the streamed path computes in fp32 like the unstreamed one (its frozen embedding/head dtype is
+the compute dtype), quantizes the same weights (drawn piece by piece from the same seed) and restores the
+LoRA dropout RNG for each recomputed block, so the two agree to float32 summation order: the head's
+token chunks and the checkpointed recompute are the only differences, well inside 1e-6 relative.
+Shapes keep every block linear's in_features a multiple of 64 (see quant.qlora.cpu_dequantize_garbles_ragged_rows).
+"""
+
+import gc
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import load_file
+
+from fuyou.config import TrainConfig
+from fuyou.errors import ConfigError
+from fuyou.models import from_pretrained
+from fuyou.trainer import Trainer
+from offload import OffloadError
+from quant.qlora_stream import payload_name
+
+LOSS_RTOL = 1e-6
+TINY = ["train.batch_size=2", "train.seq_len=64", "train.lr=1e-2", "train.warmup_steps=1", "train.max_grad_norm=0.5",
+        "quant.mode=qlora", "quant.lora_rank=4", "train.save_final=false"]
+SHAPES = {"llama": ["model.intermediate_size=384"], "gpt2": ["model.preset=tiny-gpt3"]}
+
+
+def make_trainer(overrides, stream, output_dir=None):
+    config = TrainConfig.from_yaml("configs/tiny.yaml", TINY + overrides + [f"quant.stream={str(stream).lower()}"])
+    return Trainer(config, output_dir=output_dir, progress=False)
+
+
+def run_steps(trainer, steps):
+    try:
+        return [trainer.step().loss for _ in range(steps)]
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize(
+    "shape, extra",
+    [
+        ("llama", ["quant.lora_dropout=0.1", "offload.prefetch_depth=1"]),
+        ("llama", ["quant.lora_dropout=0.0", "offload.prefetch_depth=0", "train.grad_accum=2"]),
+        ("gpt2", ["quant.lora_dropout=0.1", "offload.prefetch_depth=2", "train.grad_accum=2", "quant.optimizer_bits=8"]),
+    ],
+)
+def test_streamed_qlora_matches_unstreamed_every_step(shape, extra):
+    overrides = SHAPES[shape] + extra
+    expected = run_steps(make_trainer(overrides, stream=False), 3)
+    streamed = run_steps(make_trainer(overrides, stream=True), 3)
+    assert expected[-1] < expected[0]  # it trains
+    for step, (ours, reference) in enumerate(zip(streamed, expected, strict=True)):
+        assert abs(ours - reference) <= LOSS_RTOL * abs(reference), (step, streamed, expected)
+
+
+def test_blocks_live_in_the_store_and_stream_twice_per_micro_batch():
+    trainer = make_trainer(SHAPES["llama"] + ["train.grad_accum=2"], stream=True)
+    try:
+        runtime, base = trainer.runtime, trainer.model.get_base_model()
+        for block in base.blocks:  # between steps no block holds its NF4 tensors
+            for name, parameter in block.named_parameters():
+                if "base_layer.weight" in name:
+                    assert parameter.numel() == 0 and parameter.quant_state is None, name
+        assert base.lm_head.weight.dtype == torch.float32  # the compute dtype on the CPU (bf16 on a GPU)
+        homes = [runtime.store.home(payload_name(j)) for j in range(len(base.blocks))]
+        assert all(home.dtype == torch.uint8 and home.device.type == "cpu" for home in homes)
+        assert runtime.nf4_bytes == sum(home.numel() for home in homes)
+        # One block's NF4: 4 bits per weight, an 8-bit absmax per 64 weights, and per linear the code books
+        # (16 + 256 floats), the second-level absmax and offset, and alignment: under 2 KiB.
+        modules = runtime.payloads[0].modules
+        weights = sum(module.in_features * module.out_features for module in modules)
+        assert weights // 2 + weights // 64 < runtime.payloads[0].num_bytes < weights // 2 + weights // 64 + len(modules) * 2048
+
+        before = dict(runtime.store.moved_bytes)
+        trainer.step()
+        moved = runtime.store.moved_bytes["h2h"] - before.get("h2h", 0)  # h2d on a GPU
+        # Each of 2 micro-batches fetches every block for the forward and again for the backward.
+        assert moved == 2 * 2 * runtime.nf4_bytes
+    finally:
+        trainer.close()
+
+
+def test_the_pinned_cap_holds_homes_and_prefetched_blocks():
+    probe = make_trainer(SHAPES["llama"], stream=True)
+    block_bytes = probe.runtime.payloads[0].num_bytes
+    capacity = -(-block_bytes // 4096) * 4096  # the pool's buffers are whole 4096-byte pages
+    num_blocks = len(probe.runtime.payloads)
+    probe.close()
+    depth = 1
+    # Homes, plus the block computing and the `depth` blocks fetched ahead of it.
+    enough_gb = (num_blocks + depth + 1) * capacity / 2**30
+    trainer = make_trainer(SHAPES["llama"] + [f"offload.cpu_memory_gb={enough_gb}", f"offload.prefetch_depth={depth}"],
+                           stream=True)
+    run_steps(trainer, 2)
+    pool = trainer.runtime.store.report()["cpu_pinned"]
+    assert pool["peak_bytes"] <= pool["cap_bytes"] == int(enough_gb * 2**30)
+
+    short_gb = (num_blocks + depth) * capacity / 2**30  # one block fewer than the schedule keeps in flight
+    trainer = make_trainer(SHAPES["llama"] + [f"offload.cpu_memory_gb={short_gb}", f"offload.prefetch_depth={depth}"],
+                           stream=True)
+    with pytest.raises(OffloadError, match="pinned CPU budget exceeded"):
+        run_steps(trainer, 1)
+
+
+def test_streamed_adapters_export_in_peft_format_and_match_unstreamed(tmp_path):
+    outputs = {}
+    for stream in (False, True):
+        overrides = SHAPES["llama"] + ["train.save_final=true", "quant.save_merged=true", "train.steps=2"]
+        trainer = make_trainer(overrides, stream=stream, output_dir=tmp_path / str(stream))
+        trainer.train()
+        outputs[stream] = tmp_path / str(stream)
+    streamed, unstreamed = (load_file(outputs[s] / "final" / "adapter_model.safetensors") for s in (True, False))
+    assert streamed.keys() == unstreamed.keys()
+    for name in streamed:
+        torch.testing.assert_close(streamed[name], unstreamed[name], rtol=1e-5, atol=1e-7)
+    config = json.loads((outputs[True] / "final" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+
+    # The merged export fetched each streamed block back for dequantizing: the same model as unstreamed.
+    input_ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = from_pretrained(outputs[True] / "final-merged")(input_ids)
+        torch.testing.assert_close(merged, from_pretrained(outputs[False] / "final-merged")(input_ids), rtol=1e-4, atol=1e-5)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(outputs[True] / "final-merged", dtype=torch.float32)
+        with_adapters = peft.PeftModel.from_pretrained(hf, outputs[True] / "final")  # loads: names and shapes fit
+    assert len([m for m in with_adapters.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]) == 2 * 7
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["quant.stream=true"], "quant.stream streams QLoRA's 4-bit blocks; set quant.mode=qlora"),
+        (["quant.mode=qlora", "quant.stream=true", "runtime=fuyou"], "quant.mode=qlora runs on runtime=reference"),
+    ],
+)
+def test_stream_settings_are_checked(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        TrainConfig.from_yaml("configs/tiny.yaml", overrides)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streamed_qlora_on_a_gpu_under_its_cap():
+    """bf16 on CUDA: the embedding and head are bf16 here (fp32 unstreamed), so losses agree to bf16 rounding."""
+    gpu = ["device=cuda", "train.precision=bf16", "model.hidden_size=256", "model.intermediate_size=768",
+           "model.num_layers=4", "model.num_heads=4", "train.grad_accum=2"]
+    expected = run_steps(make_trainer(SHAPES["llama"] + gpu, stream=False), 3)
+    gc.collect()
+    torch.cuda.empty_cache()  # the unstreamed model's memory, so the cap below counts only the streamed run
+    trainer = make_trainer(SHAPES["llama"] + gpu + ["offload.gpu_memory_gb=2", "offload.prefetch_depth=2"], stream=True)
+    runtime = trainer.runtime
+    try:
+        moved_before = runtime.store.moved_bytes["h2d"]  # the build moves nothing to the GPU
+        torch.cuda.reset_peak_memory_stats()
+        streamed = [trainer.step().loss for _ in range(3)]
+        torch.testing.assert_close(torch.tensor(streamed), torch.tensor(expected), rtol=2e-2, atol=0)
+        assert runtime.store.moved_bytes["h2d"] - moved_before == 3 * 2 * 2 * runtime.nf4_bytes
+        # At most the block computing and the 2 fetched ahead of it are on the GPU.
+        assert runtime.store.report()["gpu_store"]["peak_bytes"] <= 3 * -(-runtime.payloads[0].num_bytes // 4096) * 4096
+        assert torch.cuda.max_memory_reserved() <= 2 * 2**30
+    finally:
+        trainer.close()
+        torch.cuda.set_per_process_memory_fraction(1.0)  # the store's cap outlives it in this process
