@@ -36,6 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 PLACEMENTS = ("gpu", "cpu", "ssd")
 ACTIVATION_PLACEMENTS = ("gpu", "cpu", "ssd", "none")
+NONE_IS_A_CHOICE = ("offload.activations",)  # optional keys whose value "none" is a choice, not null
 
 
 @dataclass
@@ -345,7 +346,9 @@ def _coerce(value: Any, expected: Any, key: str, origin: str) -> Any:
     args = typing.get_args(expected)
     is_optional = typing.get_origin(expected) in (typing.Union, types.UnionType) and type(None) in args
     base = next(a for a in args if a is not type(None)) if is_optional else expected
-    if value is None or (is_optional and isinstance(value, str) and value.lower() in ("null", "none")):
+    # "none" reads as null, except for a key where "none" is itself a choice (offload.activations=none).
+    nulls = ("null",) if key in NONE_IS_A_CHOICE else ("null", "none")
+    if value is None or (is_optional and isinstance(value, str) and value.lower() in nulls):
         if is_optional:
             return None
         raise ConfigError(f"{origin}: '{key}' cannot be null; expected {base.__name__}")

@@ -99,3 +99,10 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_at_step(14, **kwargs) == pytest.approx(0.1)
     assert lr_at_step(100, **kwargs) == pytest.approx(0.1)
     assert lr_at_step(0, peak_lr=2.0, warmup_steps=0, total_steps=10, min_lr_ratio=0.0) == pytest.approx(2.0)
+
+
+def test_activations_none_is_a_choice_not_null():
+    # "none" reads as null for optional keys, but for offload.activations it is the recompute placement.
+    assert TrainConfig.from_yaml(None, ["offload.activations=none"]).offload.activations == "none"
+    assert TrainConfig.from_yaml(None, ["offload.activations=null"]).offload.activations is None
+    assert TrainConfig.from_yaml(None, ["train.max_grad_norm=none"]).train.max_grad_norm is None
