@@ -379,7 +379,9 @@ class Trainer:
             raise ConfigError(f"--output {out} is a file; pass a directory")
         if out.is_dir() and any(out.iterdir()) and not self.overwrite:
             raise ConfigError(f"output directory {out} is not empty; pass a new --output directory or --overwrite to replace its run")
-        if self.config.train.save_final:
+        quant = self.config.quant
+        # QLoRA's final/ holds only the adapters; final-merged/ (save_merged) is a whole model.
+        if self.config.train.save_final and (quant.mode != "qlora" or quant.save_merged):
             need_bytes = self.num_parameters * 4 * 1.05  # fp32 safetensors plus headers and config
             existing = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
             free_bytes = shutil.disk_usage(existing).free
