@@ -144,6 +144,15 @@ CASES = [
         ),
     ),
     Case(
+        "fuyou-1.3b-split-b8-ga1",
+        "Fuyou runtime, GPT-3 1.3B shape, bf16, the optimizer state of blocks 0-15 (and embeddings/head) in RAM "
+        "and of blocks 16-23 on SSD, pinned pool capped at the 24 GiB the ssd-1.3b comparison models (memory_need: "
+        "22.9 GiB at 16 blocks, 24.0 at 18), batch 8 x 2048, 3 steps (Fuyou's side of ssd-1.3b)",
+        "configs/tiny.yaml",
+        (*(override.replace("gpt3-2.7b", "gpt3-1.3b") for override in _fuyou_2_7b("ssd", 8, 1).overrides),
+         "offload.optimizer_cpu_blocks=16", "offload.cpu_memory_gb=24"),
+    ),
+    Case(
         "fuyou-tiny-cpu",
         "Fuyou runtime, tiny LLaMA on the CPU with the optimizer state on SSD (a smoke test of this harness)",
         "configs/tiny.yaml",
