@@ -1,7 +1,10 @@
 """Fuyou against DeepSpeed on one model, batch and set of caps (issue 6), run through benchmarks.run:
 
     source benchmarks/device/setup_deepspeed.sh      # on the GPU machine: DeepSpeed from carried wheels
-    python -m benchmarks.run --case ssd-1.3b --case ram-2.7b [--system fuyou --system zero-infinity]
+    python -m benchmarks.run --case ssd-1.3b --case ram-2.7b [--system fuyou --system zero-infinity] [--timeline on]
+
+With `--timeline`, each system also draws one step as a timeline (same lanes for both: compute, H2D, D2H,
+SSD read/write, CPU optimizer), into `<case>-<system>-timeline/` of the log archive (`run_comparison`).
 
 Each system runs in its own subprocess with a time limit, one after another, so none shares memory, page
 cache or pinned buffers with another: Fuyou's side is a `benchmarks.run` Case trained in a child
