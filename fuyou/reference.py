@@ -65,6 +65,27 @@ def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
 
+def optimizer_step(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None,
+                   lr: float, loss_sum: torch.Tensor, micro_batches: Sequence[Batch]) -> StepResult:
+    """The end of a step whose gradients are accumulated in `.grad`: clip by global norm (none when
+    `max_grad_norm` is None), set `lr`, step, clear the gradients; the step's `StepResult` (loss per
+    target token from `loss_sum`, the unclipped norm). Shared by every trainer that keeps `.grad`."""
+    clip_to = max_grad_norm if max_grad_norm is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_to)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    num_target_tokens = sum(batch.num_target_tokens for batch in micro_batches)
+    return StepResult(
+        loss=(loss_sum / max(1, num_target_tokens)).item(),
+        grad_norm=grad_norm.item(),
+        lr=lr,
+        num_tokens=sum(batch.input_ids.numel() for batch in micro_batches),
+        num_target_tokens=num_target_tokens,
+    )
+
+
 class ReferenceTrainer:
     """Trains `model` in place on the device its parameters live on.
 
@@ -132,20 +153,9 @@ class ReferenceTrainer:
             (micro_loss_sum / denominator).backward()
             loss_sum += micro_loss_sum.detach()
 
-        clip_to = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip_to)
-
-        lr = lr_at_step(self.step_index, **self.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        result = optimizer_step(trainable, self.optimizer, max_grad_norm=self.max_grad_norm,
+                                lr=lr_at_step(self.step_index, **self.schedule), loss_sum=loss_sum,
+                                micro_batches=micro_batches)
         self.step_index += 1
-        return StepResult(
-            loss=(loss_sum / denominator).item(),
-            grad_norm=grad_norm.item(),
-            lr=lr,
-            num_tokens=sum(batch.input_ids.numel() for batch in micro_batches),
-            num_target_tokens=num_target_tokens,
-        )
+        return result

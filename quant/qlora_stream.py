@@ -59,7 +59,7 @@ from torch import nn
 from fuyou.data import Batch
 from fuyou.lr_schedule import lr_at_step
 from fuyou.models import Transformer
-from fuyou.reference import StepResult
+from fuyou.reference import StepResult, optimizer_step
 from fuyou.schedule import WeightStream, head_loss_backward
 from offload import Tier, TieredStore
 from quant.qlora import (
@@ -301,21 +301,11 @@ class StreamedQLoRA:
             self._backward(checkpoints, rng_states, grad_BSD)
             loss_sum += micro_loss
 
-        clip_to = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip_to)
-        lr = lr_at_step(self.step_index, **self.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        result = optimizer_step(self.trainable, self.optimizer, max_grad_norm=self.max_grad_norm,
+                                lr=lr_at_step(self.step_index, **self.schedule), loss_sum=loss_sum,
+                                micro_batches=micro_batches)
         self.step_index += 1
-        return StepResult(
-            loss=(loss_sum / denominator).item(),
-            grad_norm=grad_norm.item(),
-            lr=lr,
-            num_tokens=sum(batch.input_ids.numel() for batch in micro_batches),
-            num_target_tokens=num_target_tokens,
-        )
+        return result
 
     def _forward(self, input_ids_BS: torch.Tensor) -> tuple[list[torch.Tensor], list, torch.Tensor]:
         """Blocks without a graph; returns (x_j for each j, the RNG state before each block, x_L)."""
