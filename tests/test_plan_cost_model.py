@@ -151,10 +151,10 @@ def test_cpu_passes_are_priced_at_the_memory_rate():
     hw = ROUND.replace(cpu_memory_gbps=1.0)
     for k, expected_bytes in ((0, 0), (1, 12 * P_b), (2, 12 * P_b + 4 * P_b)):
         plan = Plan("cpu", "cpu", "cpu", micro_batch_size=2, grad_accum=3, seq_len=8)
-        legs = cost_model.gradient_out_legs(model, plan, cost_model.sizes(model, plan), k, update=False)
+        legs = cost_model.gradient_out_legs(model, plan, cost_model.sizes(model, plan), k)
         assert legs.cpu_bytes == expected_bytes and legs.d2h_bytes == 4 * P_b
     plan = Plan("cpu", "cpu", "cpu", micro_batch_size=2, grad_accum=1, seq_len=8)
-    update = cost_model.block_update_legs(model, plan, cost_model.sizes(model, plan))
+    update = cost_model.block_update_legs(model, plan, cost_model.sizes(model, plan), 0)
     assert update.cpu_bytes == 6 * P_b
     assert leg_times(update, hw).optimizer_s == pytest.approx(P_b / 1e9 + 6 * P_b / 1e9)
     assert leg_times(update, ROUND).optimizer_s == pytest.approx(P_b / 1e9)  # no rate: not priced

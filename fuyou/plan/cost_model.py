@@ -17,6 +17,16 @@ Each stage's resources run concurrently, so a block's time is the max of its leg
 SSD, CPU); a phase is L such steady-state block times; the prologue (first weights in) and the
 epilogue add on top. Iteration = A x (prologue + forward + head + backward) + epilogue.
 
+Optimizer state split (`plan.optimizer_cpu_blocks` = K, optimizer "ssd"): as the runtime places it
+(fuyou.runtime.Placement.optimizer_tier), blocks 0..K-1 and the outer group keep their state in RAM and
+only blocks K..L-1 read and write theirs on the SSD in their update; None puts every group, the outer
+one too, on the SSD. More blocks in RAM only remove SSD bytes, so the step is never slower for a larger K.
+
+Gradient ring (`gradient_ring` = n > 0, what the runtime uses when a step is one micro-batch without
+clipping): the fp32 gradients go through n buffers as large as the largest group instead of a 4 B/param
+accumulator. It changes memory only: a single micro-batch's gradient lands in its buffer as it would in
+the accumulator (no CPU pass either way).
+
 Deferred updates (`deferred_updates=True`): when the previous step clipped, the runtime cannot apply
 an update before the step's global gradient norm is known, so every update runs after backward, in
 forward order, and the next forward of block j waits for block j's update (fuyou/schedule.py). Then
@@ -53,6 +63,7 @@ What it does NOT model (each a known source of error):
     - SSD reads and writes overlapping each other (they share the drives: priced one after the other);
     - filesystem, RAID and page-cache effects, GPUDirect, pinned-memory registration, first-step warm-up;
     - which steps clip: the caller says whether updates are deferred (steps after a clipped one);
+    - the gradient ring's backpressure (backward waits while all n buffers await their updates);
     - allocator fragmentation beyond a fixed `GPU_RESERVED_BYTES`.
 """
 
@@ -64,11 +75,13 @@ from dataclasses import dataclass, fields
 from fuyou.models import TransformerConfig
 from fuyou.plan.hardware import HardwareProfile
 from fuyou.plan.policy import Plan
+from fuyou.runtime import GRAD_BYTES_PER_PARAM, SSD_GROUPS_IN_FLIGHT, STATE_BYTES_PER_PARAM
 from fuyou.schedule import HEAD_CHUNK_TOKENS
 
 GiB = 1 << 30
-OPTIMIZER_BYTES_PER_PARAM = 12  # fp32 master + exp_avg + exp_avg_sq
-GRAD_ACCUMULATOR_BYTES_PER_PARAM = 4  # the runtime's fp32 gradient sum on the CPU
+# the runtime's numbers (fuyou.runtime.memory_need), so the planner and the runtime's check agree
+OPTIMIZER_BYTES_PER_PARAM = STATE_BYTES_PER_PARAM  # fp32 master + exp_avg + exp_avg_sq
+GRAD_ACCUMULATOR_BYTES_PER_PARAM = GRAD_BYTES_PER_PARAM  # the runtime's fp32 gradient sum on the CPU
 OUTER_BYTES_PER_PARAM_ON_GPU = 8  # outer group (embeddings, head) resident in fp32, plus its fp32 .grad
 # CUDA context (~0.3-0.5 GiB) plus allocator slack: the part of the GPU no tensor of ours can use.
 GPU_RESERVED_BYTES = 1 * GiB
@@ -309,9 +322,9 @@ def backward_block_legs(model: TransformerConfig, plan: Plan, size: Sizes, j: in
     return legs
 
 
-def gradient_out_legs(model: TransformerConfig, plan: Plan, size: Sizes, k: int, update: bool) -> Legs:
-    """Micro-batch k's gradient of a finished block to the CPU and its accounting there; with `update`
-    (the last micro-batch, updates not deferred) the block's AdamW step too.
+def gradient_out_legs(model: TransformerConfig, plan: Plan, size: Sizes, k: int, update_block: int | None = None) -> Legs:
+    """Micro-batch k's gradient of a finished block to the CPU and its accounting there; with `update_block`
+    = j (the last micro-batch, updates not deferred) block j's AdamW step too.
 
     The gradient crosses as fp32 (the runtime casts on the GPU, so the CPU adds fp32 into fp32). The
     first micro-batch lands in the accumulator (no CPU pass); later ones are added (read 2 x 4, write 4
@@ -321,19 +334,21 @@ def gradient_out_legs(model: TransformerConfig, plan: Plan, size: Sizes, k: int,
     last = k == plan.grad_accum - 1
     cpu_bytes = (12 * P_b if k > 0 else 0) + (4 * P_b if last and plan.grad_accum > 1 else 0)
     legs = Legs(d2h_bytes=4 * P_b, cpu_bytes=cpu_bytes)
-    if update:
-        legs = legs + block_update_legs(model, plan, size)
+    if update_block is not None:
+        legs = legs + block_update_legs(model, plan, size, update_block)
     return legs
 
 
-def block_update_legs(model: TransformerConfig, plan: Plan, size: Sizes) -> Legs:
-    return _update_legs(plan, size.block_optimizer_bytes, size.block_param_bytes, model.num_block_parameters())
+def block_update_legs(model: TransformerConfig, plan: Plan, size: Sizes, j: int) -> Legs:
+    """Block j's AdamW; its state moves through the SSD only when block j's state lives there."""
+    return _update_legs(plan, size.block_optimizer_bytes, size.block_param_bytes, model.num_block_parameters(),
+                        on_ssd=plan.optimizer_tier(j) == "ssd")
 
 
-def _update_legs(plan: Plan, optimizer_bytes: int, param_bytes: int, num_params: int) -> Legs:
-    """One group's AdamW: read/write its state where it lives, publish the new compute-precision weights
-    (to the SSD when params live there; H2D when they are resident on the GPU; into RAM otherwise)."""
-    on_ssd = plan.optimizer == "ssd"
+def _update_legs(plan: Plan, optimizer_bytes: int, param_bytes: int, num_params: int, on_ssd: bool) -> Legs:
+    """One group's AdamW: read/write its state (SSD read + write of 12 B/param when `on_ssd`), publish the
+    new compute-precision weights (to the SSD when params live there; H2D when they are resident on the
+    GPU; into RAM otherwise)."""
     return Legs(
         optimizer_params=num_params,
         cpu_bytes=(4 + plan.compute_bytes) * num_params if param_bytes else 0,  # the publish cast
@@ -399,15 +414,28 @@ class Prediction:
         return self.step_tokens / self.iteration_s
 
 
-def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, *, deferred_updates: bool = False) -> Prediction:
+def gradient_ring_buffers(gradient_ring: int, grad_accum: int, clipping: bool) -> int:
+    """The ring buffers the runtime uses: `offload.gradient_ring` when a step is one micro-batch and nothing
+    clips (no group's gradient is needed after its own update), else 0 (a full-size accumulator)."""
+    return gradient_ring if grad_accum == 1 and not clipping else 0
+
+
+def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, *, deferred_updates: bool = False,
+            gradient_ring: int = 0) -> Prediction:
     """Prices one optimizer step of `plan` (see the module docstring for the schedule and what is left out).
 
-    `deferred_updates`: price a step that follows a clipped one, whose updates wait for the global norm
-    and overlap the next forward instead of this backward (module docstring).
+    Args:
+        model, plan, hardware: what runs, how, and where.
+        deferred_updates: price a step that follows a clipped one, whose updates wait for the global norm
+            and overlap the next forward instead of this backward (module docstring).
+        gradient_ring: fp32 gradient buffers in the runtime's ring, 0 for the full-size accumulator; only
+            a step of one micro-batch without clipping has one (`gradient_ring_buffers`).
     """
-    assert plan.swapped_attention_blocks <= model.num_layers and plan.swapped_mlp_blocks <= model.num_layers
-    size = sizes(model, plan)
     L, A = model.num_layers, plan.grad_accum
+    assert plan.swapped_attention_blocks <= L and plan.swapped_mlp_blocks <= L
+    assert plan.optimizer_cpu_blocks is None or plan.optimizer_cpu_blocks <= L, "a split beyond the model's blocks"
+    assert not gradient_ring or (A == 1 and not deferred_updates), "the runtime rings gradients only without accumulation or clipping"
+    size = sizes(model, plan)
     T = plan.micro_batch_tokens
 
     forward_legs = [forward_block_legs(model, plan, size, j) for j in range(L)]
@@ -415,8 +443,13 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, *, 
     # Block j's gradient leaves (and, on the last micro-batch, its update runs) while block j-1 computes:
     # stage j carries block j+1's; stage L-1 carries none; block 0's is the epilogue (last micro-batch)
     # or overlaps the next micro-batch's forward (not priced as time).
-    outs = [gradient_out_legs(model, plan, size, k, update=k == A - 1 and not deferred_updates) for k in range(A)]
-    update = block_update_legs(model, plan, size)
+    grads = [gradient_out_legs(model, plan, size, k) for k in range(A)]
+    updates = [block_update_legs(model, plan, size, j) for j in range(L)]  # SSD traffic only for SSD blocks
+
+    def out(k: int, j: int) -> Legs:
+        """Micro-batch k's leaving of block j, with its update on the last micro-batch unless deferred."""
+        return grads[k] + updates[j] if k == A - 1 and not deferred_updates else grads[k]
+
     timed: dict[Legs, LegTimes] = {}  # most blocks cost the same: price each distinct stage once
 
     def times(legs: Legs) -> LegTimes:
@@ -426,9 +459,11 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, *, 
 
     # Deferred: the first micro-batch's forward of block j overlaps block j+1's update (block 0's is in
     # the epilogue); otherwise forward stages carry no CPU work.
-    forward_first = [times(legs + update) if deferred_updates and j < L - 1 else times(legs) for j, legs in enumerate(forward_legs)]
+    forward_first = [times(legs + updates[j + 1]) if deferred_updates and j < L - 1 else times(legs)
+                     for j, legs in enumerate(forward_legs)]
     forward_rest = [times(legs) for legs in forward_legs]
-    backward = [[times(legs + out) if j < L - 1 else times(legs) for j, legs in enumerate(compute_legs)] for out in outs]
+    backward = [[times(legs + out(k, j + 1)) if j < L - 1 else times(legs) for j, legs in enumerate(compute_legs)]
+                for k in range(A)]
 
     # prologue (per micro-batch): block 0's weights must arrive before it computes (the next d overlap it)
     first_load = Legs(h2d_bytes=size.block_param_bytes if plan.streams_params else 0,
@@ -440,24 +475,24 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, *, 
     backward_s = sum(sum(t.overlapped_s for t in stages) for stages in backward)
 
     # epilogue: block 0's gradient out and its update; the outer group's fp32 gradient out, its update, its
-    # fp32 weights back in. Serial: the next step's forward starts with exactly these weights.
+    # fp32 weights back in. Serial: the next step's forward starts with exactly these weights. Its state
+    # is on the SSD only without a split (a split keeps it in RAM: updated last, read first).
     outer = Legs(d2h_bytes=4 * size.outer_params, h2d_bytes=4 * size.outer_params) + _update_legs(
-        plan.replace(params="cpu"), OPTIMIZER_BYTES_PER_PARAM * size.outer_params, 0, size.outer_params
+        plan.replace(params="cpu"), OPTIMIZER_BYTES_PER_PARAM * size.outer_params, 0, size.outer_params,
+        on_ssd=plan.optimizer_tier(None) == "ssd",
     )
-    block_0 = outs[-1] + (update if deferred_updates else Legs())
+    block_0 = out(A - 1, 0) + (updates[0] if deferred_updates else Legs())
     epilogue_s = leg_times(block_0, hardware).serial_s + leg_times(outer, hardware).serial_s
 
     iteration_s = prologue_s + forward_s + head_s + backward_s + epilogue_s
 
     # what each resource does in the whole step, overlapped or not (the breakdown)
     total = sum([legs.scaled(A) for legs in forward_legs + compute_legs], Legs())
-    total = total + sum([out.scaled(L) for out in outs], Legs()) + outer + first_load.scaled(A)
-    if deferred_updates:
-        total = total + update.scaled(L)
+    total = total + sum([grad.scaled(L) for grad in grads], Legs()) + sum(updates, Legs()) + outer + first_load.scaled(A)
     total_times = leg_times(total, hardware)
     hardware_flops = total.compute_flops + A * head_flops
 
-    gpu, cpu, ssd = peak_memory(model, plan, size, reserved_bytes=reserved_bytes(hardware))
+    gpu, cpu, ssd = peak_memory(model, plan, size, reserved_bytes=reserved_bytes(hardware), gradient_ring=gradient_ring)
     return Prediction(
         plan=plan,
         iteration_s=iteration_s,
@@ -497,16 +532,21 @@ def reserved_bytes(hardware: HardwareProfile) -> int:
     return GPU_RESERVED_BYTES if hardware.compute_device == "cuda" else 0
 
 
-def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_bytes: int = GPU_RESERVED_BYTES) -> tuple[int, int, int]:
-    """(GPU, CPU, SSD) bytes at the step's peak.
+def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_bytes: int = GPU_RESERVED_BYTES,
+                gradient_ring: int = 0) -> tuple[int, int, int]:
+    """(GPU, CPU, SSD) bytes at the step's peak (`gradient_ring`: as `predict`'s).
 
     GPU  `reserved_bytes` + outer group (fp32 weights and grads) + block weights (all L if resident, else the
          block in use + d in flight) + one block's gradient + checkpoints (all L kept; or the two being
          swapped) + the larger of: one block's recompute/backward working set, the head's logits working set.
-    CPU  fp32 gradient accumulator (4 N) + optimizer state if on CPU (12 N; on SSD: read-ahead, in-update and
-         write-behind buffers for 3 blocks) + weights if on CPU (all; on SSD: 2 staging blocks) + swapped
-         activations on CPU (one micro-batch's) + 2 pinned gradient staging blocks.
-    SSD  whatever lives there: weights, optimizer state, swapped activations of one micro-batch.
+    CPU  fp32 gradients: the accumulator (4 N), or with a ring of n buffers n x 4 x (largest group:
+         max(P_b, outer)) + optimizer state of the groups in RAM (12 B/param: all N on "cpu"; with a split
+         K, the outer group and K blocks) + SSD_GROUPS_IN_FLIGHT buffers of the largest group on the SSD
+         (read ahead, in update, written behind; as fuyou.runtime.memory_need) + weights if on CPU (all; on
+         SSD: 2 staging blocks) + swapped activations on CPU (one micro-batch's) + 2 pinned gradient
+         staging blocks.
+    SSD  whatever lives there: weights, the optimizer state of the groups on the SSD (12 B/param), swapped
+         activations of one micro-batch.
     """
     L, T, b = model.num_layers, plan.micro_batch_tokens, plan.compute_bytes
     depth = plan.prefetch_depth
@@ -524,16 +564,26 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_byte
 
     swapped_internals = (plan.swapped_attention_blocks * size.attention_internals_bytes
                          + plan.swapped_mlp_blocks * size.mlp_internals_bytes)
-    N = size.num_params
-    optimizer_cpu = OPTIMIZER_BYTES_PER_PARAM * N if plan.optimizer == "cpu" else 3 * size.block_optimizer_bytes
+    N, P_b = size.num_params, model.num_block_parameters()
+    # parameters of each group by where its optimizer state lives (the outer group is block None)
+    state_params = {"cpu": 0, "ssd": 0}
+    largest_on_ssd = 0
+    for block, num_params in [(None, size.outer_params)] + [(j, P_b) for j in range(L)]:
+        tier = plan.optimizer_tier(block)
+        state_params[tier] += num_params
+        if tier == "ssd":
+            largest_on_ssd = max(largest_on_ssd, num_params)
+    optimizer_cpu = OPTIMIZER_BYTES_PER_PARAM * (state_params["cpu"] + SSD_GROUPS_IN_FLIGHT * largest_on_ssd)
+    gradients_cpu = (gradient_ring * GRAD_ACCUMULATOR_BYTES_PER_PARAM * max(P_b, size.outer_params) if gradient_ring
+                     else GRAD_ACCUMULATOR_BYTES_PER_PARAM * N)
     weights_cpu = {"gpu": 0, "cpu": L * size.block_param_bytes, "ssd": 2 * size.block_param_bytes}[plan.params]
     activations_cpu = (L * size.checkpoint_bytes if plan.activations == "cpu" else 0) + (
         swapped_internals if plan.internals_tier == "cpu" else 0
     )
-    cpu = GRAD_ACCUMULATOR_BYTES_PER_PARAM * N + optimizer_cpu + weights_cpu + activations_cpu + 2 * size.block_grad_bytes
+    cpu = gradients_cpu + optimizer_cpu + weights_cpu + activations_cpu + 2 * size.block_grad_bytes
 
     ssd = ((L * size.block_param_bytes if plan.params == "ssd" else 0)
-           + (OPTIMIZER_BYTES_PER_PARAM * N if plan.optimizer == "ssd" else 0)
+           + OPTIMIZER_BYTES_PER_PARAM * state_params["ssd"]
            + (L * size.checkpoint_bytes if plan.activations == "ssd" else 0)
            + (swapped_internals if plan.internals_tier == "ssd" else 0))
     return int(gpu), int(cpu), int(ssd)

@@ -5,7 +5,10 @@ Vocabulary (the runtime's, fuyou/runtime.py):
     params       the compute-precision copy of each block's weights that forward and backward stream:
                  "gpu" resident, "cpu" or "ssd" streamed block by block.
     optimizer    fp32 master weights + two AdamW moments (12 B/param); "cpu" or "ssd" (the optimizer
-                 runs on the CPU, so never "gpu").
+                 runs on the CPU, so never "gpu"). With "ssd", `optimizer_cpu_blocks` = K splits it per
+                 group as the runtime does (`fuyou.runtime.Placement.optimizer_tier`): blocks 0..K-1 and
+                 the outer group (embeddings, final norm, head) in CPU RAM, blocks K..L-1 on the SSD;
+                 None keeps every group, the outer one too, on the SSD.
     activations  each block's checkpointed input x_j between forward and backward: "gpu" kept, "cpu"/"ssd"
                  swapped out and back, "none" only x_0 kept (every x_j recomputed from it in backward).
     block internals (Fuyou's finer swapping, section 4.4 of the paper; not yet in the runtime): the
@@ -42,6 +45,9 @@ class Plan:
         swapped_attention_blocks, swapped_mlp_blocks: blocks whose attention / MLP internals are swapped
             instead of recomputed (module docstring).
         internals_tier: where swapped internals live ("cpu" or "ssd").
+        optimizer_cpu_blocks: with optimizer "ssd", K: blocks 0..K-1 and the outer group keep their
+            optimizer state in CPU RAM (module docstring); None: all of it on the SSD. At most L, which
+            only the cost model knows (it checks).
     """
 
     params: str
@@ -55,6 +61,7 @@ class Plan:
     swapped_attention_blocks: int = 0
     swapped_mlp_blocks: int = 0
     internals_tier: str = "cpu"
+    optimizer_cpu_blocks: int | None = None
 
     def __post_init__(self) -> None:
         for key, choices in (("params", PARAM_TIERS), ("optimizer", OPTIMIZER_TIERS),
@@ -70,6 +77,12 @@ class Plan:
                 raise ConfigError(f"plan {key} must be >= 0, got {getattr(self, key)}")
         if self.activations == "none" and (self.swapped_attention_blocks or self.swapped_mlp_blocks):
             raise ConfigError("plan activations=none recomputes every block input; it cannot also swap block internals")
+        if self.optimizer_cpu_blocks is not None:
+            if self.optimizer != "ssd":
+                raise ConfigError("plan optimizer_cpu_blocks splits the optimizer state between CPU RAM and the SSD; "
+                                  f"it needs optimizer ssd, got {self.optimizer!r}")
+            if self.optimizer_cpu_blocks < 0:
+                raise ConfigError(f"plan optimizer_cpu_blocks must be >= 0 or None, got {self.optimizer_cpu_blocks}")
 
     @property
     def batch_size(self) -> int:
@@ -98,6 +111,13 @@ class Plan:
     def swaps_checkpoints(self) -> bool:
         return self.activations in ("cpu", "ssd")
 
+    def optimizer_tier(self, block: int | None) -> str:
+        """Where block `block`'s optimizer state lives ("cpu" or "ssd"); None: the outer group's.
+        The runtime's rule (`fuyou.runtime.Placement.optimizer_tier` says why those blocks)."""
+        if self.optimizer == "cpu" or self.optimizer_cpu_blocks is None:
+            return self.optimizer
+        return "cpu" if block is None or block < self.optimizer_cpu_blocks else "ssd"
+
     def replace(self, **changes) -> Plan:
         return dataclasses.replace(self, **changes)
 
@@ -111,11 +131,15 @@ class Plan:
             f"train.batch_size={self.micro_batch_size}",
             f"train.grad_accum={self.grad_accum}",
             f"train.seq_len={self.seq_len}",
-        ]
+        ] + ([f"offload.optimizer_cpu_blocks={self.optimizer_cpu_blocks}"] if self.optimizer_cpu_blocks is not None else [])
 
     def describe(self) -> str:
-        """One line, e.g. 'params cpu, optimizer ssd, activations cpu, micro-batch 8 x 4, depth 1'."""
-        text = (f"params {self.params}, optimizer {self.optimizer}, activations {self.activations}, "
+        """One line, e.g. 'params cpu, optimizer ssd (blocks 0-15 in RAM), activations cpu, micro-batch 8 x 4, depth 1'."""
+        optimizer = self.optimizer
+        if self.optimizer_cpu_blocks is not None:
+            optimizer += (f" (blocks 0-{self.optimizer_cpu_blocks - 1} and embeddings/head in RAM)" if self.optimizer_cpu_blocks
+                          else " (embeddings/head in RAM)")
+        text = (f"params {self.params}, optimizer {optimizer}, activations {self.activations}, "
                 f"micro-batch {self.micro_batch_size} x {self.grad_accum}, seq {self.seq_len}, depth {self.prefetch_depth}")
         if self.swapped_attention_blocks or self.swapped_mlp_blocks:
             text += (f", swapped internals attn {self.swapped_attention_blocks} / mlp {self.swapped_mlp_blocks} "
