@@ -174,7 +174,7 @@ class Sizes:
     block_param_bytes: int  # P_b x compute bytes: one block's streamed weights
     block_grad_bytes: int  # 4 P_b: one block's fp32 gradient on its way to the CPU
     block_optimizer_bytes: int  # 12 P_b
-    checkpoint_bytes: int  # x_j: T x D x compute bytes
+    checkpoint_bytes: int  # x_j: T x D x 4 (fp32, see `sizes`)
     attention_internals_bytes: int
     mlp_internals_bytes: int
     outer_params: int  # parameters outside the blocks (embeddings, final norm, untied head)
@@ -189,7 +189,9 @@ def sizes(model: TransformerConfig, plan: Plan) -> Sizes:
         block_param_bytes=P_b * b,
         block_grad_bytes=4 * P_b,  # fp32: the runtime casts on the GPU before D2H
         block_optimizer_bytes=OPTIMIZER_BYTES_PER_PARAM * P_b,
-        checkpoint_bytes=T * model.hidden_size * b,
+        # The residual stream stays fp32 under bf16 autocast (fp32 embedding output, fp32 + bf16 adds), so
+        # each saved x_j is fp32 in the runtime (fuyou.runtime.memory_need counts it so).
+        checkpoint_bytes=T * model.hidden_size * 4,
         attention_internals_bytes=T * attention_elements * b,
         mlp_internals_bytes=T * mlp_elements * b,
         outer_params=N - model.num_layers * P_b,
@@ -544,7 +546,11 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_byte
          K, the outer group and K blocks) + SSD_GROUPS_IN_FLIGHT buffers of the largest group on the SSD
          (read ahead, in update, written behind; as fuyou.runtime.memory_need) + weights if on CPU (all; on
          SSD: 2 staging blocks) + swapped activations on CPU (one micro-batch's) + 2 pinned gradient
-         staging blocks.
+         staging blocks when A > 1 (the first micro-batch's gradient lands in its accumulator or ring
+         buffer directly) + building: the runtime builds the model one block at a time from "meta", one
+         block's fp32 weights, their flat copy and the cast ((4 + 4 + b) P_b) beside the outer group's
+         fp32 weights (4 B/param), counted on top as fuyou.runtime.memory_need does (so a plan that fits
+         here passes the runtime's check; a checkpoint loaded whole in fp32 is not priced).
     SSD  whatever lives there: weights, the optimizer state of the groups on the SSD (12 B/param), swapped
          activations of one micro-batch.
     """
@@ -580,7 +586,9 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_byte
     activations_cpu = (L * size.checkpoint_bytes if plan.activations == "cpu" else 0) + (
         swapped_internals if plan.internals_tier == "cpu" else 0
     )
-    cpu = gradients_cpu + optimizer_cpu + weights_cpu + activations_cpu + 2 * size.block_grad_bytes
+    staging_cpu = 2 * size.block_grad_bytes if plan.grad_accum > 1 else 0
+    building_cpu = (4 + 4 + b) * P_b + 4 * size.outer_params
+    cpu = gradients_cpu + optimizer_cpu + weights_cpu + activations_cpu + staging_cpu + building_cpu
 
     ssd = ((L * size.block_param_bytes if plan.params == "ssd" else 0)
            + OPTIMIZER_BYTES_PER_PARAM * state_params["ssd"]
