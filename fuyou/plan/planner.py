@@ -3,7 +3,9 @@ resource is short and by how much.
 
 Search (exhaustive over a small space, every candidate priced by `cost_model.predict`):
     params       gpu, cpu, ssd          (unless the config fixes it)
-    optimizer    cpu, ssd
+    optimizer    cpu, ssd; for ssd both all on the SSD and the split (`Plan.optimizer_cpu_blocks` = K:
+                 blocks 0..K-1 and the outer group in RAM) with the largest K < L that fits: every block
+                 more in RAM only removes SSD traffic, so that split is the fastest (K = L is optimizer cpu)
     activations  gpu, cpu, ssd          ("none", quadratic recompute, only when the config asks for it)
     micro-batch  every divisor of the step's batch (the rest is gradient accumulation)
     depth        2, else 1              (the cost model credits no time to depth > 1, so the deeper prefetch
@@ -73,17 +75,22 @@ class Shortfall:
 
 FIXES = {
     "GPU memory": "lower train.batch_size or train.seq_len, or raise offload.gpu_memory_gb",
-    "CPU memory": "move offload.optimizer / offload.params / offload.activations to ssd, or raise offload.cpu_memory_gb",
+    "CPU memory": "move offload.optimizer / offload.params / offload.activations to ssd (or lower offload.optimizer_cpu_blocks), "
+                  "or raise offload.cpu_memory_gb",
     "RAM": "lower train.batch_size or train.seq_len, or use a machine with more memory",
-    "SSD space": "free space on the SSDs (ssd_capacity_gb in the hardware profile) or keep more on the CPU",
+    "SSD space": "free space on the SSDs (ssd_capacity_gb in the hardware profile) or keep more on the CPU "
+                 "(a higher offload.optimizer_cpu_blocks)",
 }
 
 
-def _fix(model: TransformerConfig, plan: Plan, short: Shortfall) -> str:
-    if short.resource == "CPU memory" and plan.params == "ssd" and plan.optimizer == "ssd":
+def _fix(model: TransformerConfig, plan: Plan, short: Shortfall, gradient_ring: int) -> str:
+    if short.resource == "CPU memory" and plan.params == "ssd" and plan.optimizer_tier(None) == "ssd":
+        if gradient_ring:
+            return "everything already streams from the SSDs: add RAM or pick a smaller model"
         accumulator = cost_model.GRAD_ACCUMULATOR_BYTES_PER_PARAM * model.num_parameters() / GiB
         return (f"everything already streams from the SSDs, and the runtime's fp32 gradient sum alone takes "
-                f"{accumulator:.0f} GiB of RAM: add RAM or pick a smaller model")
+                f"{accumulator:.0f} GiB of RAM: add RAM, pick a smaller model, or take one micro-batch a step "
+                f"without clipping (train.grad_accum=1 train.max_grad_norm=null: gradients go through offload.gradient_ring)")
     return FIXES[short.resource]
 
 
@@ -104,8 +111,9 @@ def shortfalls(memory: tuple[int, int, int], caps: Caps) -> list[Shortfall]:
     return found
 
 
-def memory_of(model: TransformerConfig, plan: Plan, hardware: HardwareProfile) -> tuple[int, int, int]:
-    return cost_model.peak_memory(model, plan, cost_model.sizes(model, plan), cost_model.reserved_bytes(hardware))
+def memory_of(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, gradient_ring: int = 0) -> tuple[int, int, int]:
+    return cost_model.peak_memory(model, plan, cost_model.sizes(model, plan), cost_model.reserved_bytes(hardware),
+                                  gradient_ring=gradient_ring)
 
 
 def choose_plan(
@@ -121,9 +129,12 @@ def choose_plan(
     activations: str | None = None,
     micro_batch_size: int | None = None,
     prefetch_depth: int | None = None,
+    optimizer_cpu_blocks: int | None = None,
     precision: str = "bf16",
     swap_internals: bool = False,
     search_batch: bool = False,
+    gradient_ring: int = 0,
+    clipping: bool = True,
 ) -> Prediction:
     """The fastest plan (tokens/s) that fits, with its prediction.
 
@@ -134,44 +145,64 @@ def choose_plan(
         seq_len: tokens per sequence.
         gpu_memory_gb, cpu_memory_gb: the config's caps, GiB (None: the hardware's).
         params, optimizer, activations, micro_batch_size, prefetch_depth: fixed by the user, or None to choose.
+        optimizer_cpu_blocks: a split of the optimizer state fixed by the user (implies optimizer "ssd"),
+            or None to choose one.
         precision: "bf16" or "fp32".
         swap_internals: also swap block internals (Fuyou's policy; the runtime does not do this yet).
         search_batch: choose the step's batch too (powers of two up to `batch_size`).
+        gradient_ring, clipping: the config's offload.gradient_ring and whether train.max_grad_norm clips;
+            a candidate of one micro-batch without clipping rings its gradients (`gradient_ring_buffers`).
 
     Raises:
         PlanError: nothing fits; one line naming the short resource, by how much, and a fix.
     """
     caps = Caps.of(hardware, gpu_memory_gb, cpu_memory_gb)
+    if optimizer_cpu_blocks is not None:
+        if optimizer not in (None, "ssd"):
+            raise PlanError(f"optimizer_cpu_blocks={optimizer_cpu_blocks} splits the optimizer state between RAM and the SSD; "
+                            f"it needs optimizer ssd, got {optimizer}")
+        if not 0 <= optimizer_cpu_blocks <= model.num_layers:
+            raise PlanError(f"optimizer_cpu_blocks={optimizer_cpu_blocks} but the model has {model.num_layers} blocks; "
+                            f"use 0 to {model.num_layers}")
+        optimizer = "ssd"
     batches = _powers_of_two(batch_size) if search_batch else [batch_size]
     # the cost model credits no time to prefetch depth > 1, so the deepest that fits (up to 2) is taken
     depths = [prefetch_depth] if prefetch_depth is not None else [2, 1]
     best_per_batch: list[Prediction] = []
-    leanest: tuple[int, list[Shortfall], Plan] | None = None
+    leanest: tuple[int, list[Shortfall], Plan, int] | None = None
     for batch in batches:
         candidates = []
-        for plan in _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision):
+        for base in _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision, optimizer_cpu_blocks):
+            ring = cost_model.gradient_ring_buffers(gradient_ring, base.grad_accum, clipping)
+            fitting: list[Plan] = []
             for depth in depths:
-                plan = plan.replace(prefetch_depth=depth)
-                short = shortfalls(memory_of(model, plan, hardware), caps)
-                if not short:
+                # each group of alternatives is tried in order, the first that fits taken: all on the SSD;
+                # then the split with the most blocks in RAM that fits
+                for alternatives in _optimizer_splits(base.replace(prefetch_depth=depth), model.num_layers,
+                                                      fixed=optimizer_cpu_blocks is not None):
+                    for plan in alternatives:
+                        short = shortfalls(memory_of(model, plan, hardware, ring), caps)
+                        if not short:
+                            fitting.append(plan)
+                            break
+                        total_short = sum(s.short_bytes for s in short)
+                        if leanest is None or total_short < leanest[0]:
+                            leanest = (total_short, short, plan, ring)
+                if fitting:
                     break
-                total_short = sum(s.short_bytes for s in short)
-                if leanest is None or total_short < leanest[0]:
-                    leanest = (total_short, short, plan)
-            if short:
-                continue
-            prediction = predict(model, plan, hardware)
-            if swap_internals:
-                prediction = _add_swapped_internals(model, hardware, caps, prediction)
-            candidates.append(prediction)
+            for plan in fitting:
+                prediction = predict(model, plan, hardware, gradient_ring=ring)
+                if swap_internals:
+                    prediction = _add_swapped_internals(model, hardware, caps, prediction, ring)
+                candidates.append(prediction)
         if candidates:
             best_per_batch.append(_pick(candidates))
     if not best_per_batch:
         assert leanest is not None
-        _, short, plan = leanest
+        _, short, plan, ring = leanest
         what = " and ".join(f"{s.resource} short by {s.short_bytes / GiB:.1f} GiB ({s.need_bytes / GiB:.1f} needed, "
                             f"{s.have_bytes / GiB:.1f} available)" for s in short)
-        raise PlanError(f"infeasible: {what} with the leanest plan ({plan.describe()}); {_fix(model, plan, short[0])}")
+        raise PlanError(f"infeasible: {what} with the leanest plan ({plan.describe()}); {_fix(model, plan, short[0], ring)}")
     best_rate = max(p.tokens_per_s for p in best_per_batch)
     # the smallest batch within 1% of the best throughput: a larger batch changes the optimisation for nothing
     return min((p for p in best_per_batch if p.tokens_per_s * BATCH_TIE >= best_rate), key=lambda p: p.plan.batch_size)
@@ -189,14 +220,27 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision):
+def _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision, optimizer_cpu_blocks):
     for p in [params] if params else ("gpu", "cpu", "ssd"):
         for o in [optimizer] if optimizer else ("cpu", "ssd"):
             for a in [activations] if activations else ("gpu", "cpu", "ssd"):
                 for micro in [micro_batch_size] if micro_batch_size else _divisors(batch):
                     if batch % micro == 0:
                         yield Plan(params=p, optimizer=o, activations=a, micro_batch_size=micro,
-                                   grad_accum=batch // micro, seq_len=seq_len, precision=precision)
+                                   grad_accum=batch // micro, seq_len=seq_len, precision=precision,
+                                   optimizer_cpu_blocks=optimizer_cpu_blocks)
+
+
+def _optimizer_splits(plan: Plan, num_layers: int, fixed: bool) -> list[list[Plan]]:
+    """The optimizer placements to try for `plan`, as groups of alternatives in order of preference.
+
+    Optimizer "ssd" without a user's split: every group on the SSD, and separately the splits K = L-1
+    down to 0 (the cost model prices more blocks in RAM as never slower, so the largest K that fits is
+    the split worth pricing; CPU memory grows with K, SSD space shrinks). K = L is optimizer "cpu".
+    """
+    if plan.optimizer != "ssd" or fixed:
+        return [[plan]]
+    return [[plan], [plan.replace(optimizer_cpu_blocks=k) for k in range(num_layers - 1, -1, -1)]]
 
 
 def _pick(candidates: list[Prediction]) -> Prediction:
@@ -208,7 +252,8 @@ def _pick(candidates: list[Prediction]) -> Prediction:
                                     p.iteration_s / p.step_tokens))
 
 
-def _add_swapped_internals(model: TransformerConfig, hardware: HardwareProfile, caps: Caps, start: Prediction) -> Prediction:
+def _add_swapped_internals(model: TransformerConfig, hardware: HardwareProfile, caps: Caps, start: Prediction,
+                           gradient_ring: int = 0) -> Prediction:
     """Fuyou's activation swapping: block halves in order of recompute FLOPs saved per byte moved, added
     while the predicted iteration time falls and memory fits (CPU first, the SSD when the CPU is full)."""
     plan = start.plan
@@ -232,8 +277,8 @@ def _add_swapped_internals(model: TransformerConfig, hardware: HardwareProfile, 
                 candidate = best.plan.replace(**{field: count}, internals_tier=tier)
                 if tier == "ssd" and hardware.ssd_count == 0:
                     continue
-                if not shortfalls(memory_of(model, candidate, hardware), caps):
-                    trial = predict(model, candidate, hardware)
+                if not shortfalls(memory_of(model, candidate, hardware, gradient_ring), caps):
+                    trial = predict(model, candidate, hardware, gradient_ring=gradient_ring)
                     break
             if trial is None or trial.iteration_s >= best.iteration_s:
                 break  # convex: past the minimum, more swapping only costs

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fuyou.config import TrainConfig
 from fuyou.models import TransformerConfig, resolve_config
-from fuyou.plan.cost_model import GiB, Prediction, predict
+from fuyou.plan.cost_model import GiB, Prediction, gradient_ring_buffers, predict
 from fuyou.plan.hardware import HardwareProfile
 from fuyou.plan.planner import Caps, PlanError, choose_plan
 
@@ -25,7 +25,8 @@ class PlanReport:
     caps: Caps
     prediction: Prediction | None
     error: str | None = None
-    # The same plan's step when the previous step clipped: updates wait for the norm (cost_model docstring).
+    # The same plan's step when the previous step clipped: updates wait for the norm (cost_model docstring);
+    # None when nothing clips (train.max_grad_norm null).
     after_clip: Prediction | None = None
 
     @property
@@ -42,11 +43,14 @@ def resolve_model(config: TrainConfig) -> tuple[str, TransformerConfig]:
 def plan_config(config: TrainConfig, hardware: HardwareProfile, *, search_batch: bool = False,
                 swap_internals: bool = False) -> PlanReport:
     """Plans the config's job: its step batch (train.batch_size x train.grad_accum), sequence length,
-    caps and any placement it fixes (offload.params/optimizer/activations; prefetch_depth when not 1)."""
+    caps and any placement it fixes (offload.params/optimizer/activations/optimizer_cpu_blocks;
+    prefetch_depth when not 1), with the gradient ring where the runtime would use one
+    (offload.gradient_ring, one micro-batch a step and train.max_grad_norm null)."""
     name, model = resolve_model(config)
     offload, train = config.offload, config.train
     precision = train.precision if train.precision != "auto" else ("bf16" if hardware.compute_device == "cuda" else "fp32")
     caps = Caps.of(hardware, offload.gpu_memory_gb, offload.cpu_memory_gb)
+    clipping = train.max_grad_norm is not None
     try:
         prediction = choose_plan(
             model, hardware,
@@ -58,13 +62,19 @@ def plan_config(config: TrainConfig, hardware: HardwareProfile, *, search_batch:
             optimizer=offload.optimizer,
             activations=offload.activations,
             prefetch_depth=None if offload.prefetch_depth == DEFAULT_PREFETCH_DEPTH else offload.prefetch_depth,
+            optimizer_cpu_blocks=offload.optimizer_cpu_blocks,
             precision=precision,
             swap_internals=swap_internals,
             search_batch=search_batch,
+            gradient_ring=offload.gradient_ring,
+            clipping=clipping,
         )
     except PlanError as error:
         return PlanReport(name, model, hardware, caps, None, str(error))
-    after_clip = predict(model, prediction.plan, hardware, deferred_updates=True)
+    after_clip = None
+    if clipping:
+        ring = gradient_ring_buffers(offload.gradient_ring, prediction.plan.grad_accum, clipping)
+        after_clip = predict(model, prediction.plan, hardware, deferred_updates=True, gradient_ring=ring)
     return PlanReport(name, model, hardware, caps, prediction, after_clip=after_clip)
 
 
