@@ -29,7 +29,7 @@ from pathlib import Path
 from benchmarks.run import RESULTS_DIR, Case, run_case
 from fuyou.config import TrainConfig
 from fuyou.plan import HardwareProfile, Plan, predict
-from fuyou.plan.cost_model import GiB
+from fuyou.plan.cost_model import GiB, gradient_ring_buffers
 from fuyou.plan.report import resolve_model
 
 _COMMON = ("model.preset=gpt3-2.7b", "runtime=fuyou", "device=cuda", "train.precision=bf16", "data.source=synthetic",
@@ -47,13 +47,15 @@ CASES = [
 
 
 def plan_of(config: TrainConfig, precision_default: str) -> Plan:
-    """The Plan a config runs (the runtime's defaults where offload.* is unset: everything on the CPU)."""
+    """The Plan a config runs (the runtime's defaults where offload.* is unset: everything on the CPU; a
+    split of the optimizer state, offload.optimizer_cpu_blocks, puts it on ssd as the trainer does)."""
     offload, train = config.offload, config.train
     precision = train.precision if train.precision != "auto" else precision_default
-    return Plan(params=offload.params or "cpu", optimizer=offload.optimizer or "cpu",
+    split = offload.optimizer_cpu_blocks is not None
+    return Plan(params=offload.params or "cpu", optimizer=offload.optimizer or ("ssd" if split else "cpu"),
                 activations=offload.activations or "cpu", micro_batch_size=train.batch_size,
                 grad_accum=train.grad_accum, seq_len=train.seq_len, prefetch_depth=offload.prefetch_depth,
-                precision=precision)
+                precision=precision, optimizer_cpu_blocks=offload.optimizer_cpu_blocks)
 
 
 def compare(result: dict, hardware: HardwareProfile) -> dict:
@@ -65,7 +67,9 @@ def compare(result: dict, hardware: HardwareProfile) -> dict:
     # Updates deferred (the previous step clipped) or overlapped with backward: as the run went.
     modes = ((result.get("runtime_stats") or {}).get("update_modes")) or {}
     deferred = modes.get("deferred", 0) > sum(modes.values()) / 2
-    prediction = predict(model, plan, hardware, deferred_updates=deferred)
+    # the gradient ring where the runtime used one (one micro-batch a step, no clipping)
+    ring = gradient_ring_buffers(config.offload.gradient_ring, plan.grad_accum, config.train.max_grad_norm is not None)
+    prediction = predict(model, plan, hardware, deferred_updates=deferred, gradient_ring=ring)
     metrics = result["metrics"]
     steps = [row["step_s"] for row in result.get("steps", [])[1:]]
     # The median step after the first (warm-up: pinned registration, allocator growth), where the run
