@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from fuyou.data import Batch
+from batches import fixed_batches
 from fuyou.models import build_model, get_preset
 from fuyou.reference import ReferenceTrainer
 from quant import halo as halo_module
@@ -233,15 +233,6 @@ def test_apply_halo_swaps_every_block_linear_but_not_the_head(preset):
     assert parameters_after.keys() == parameters_before.keys()
     assert all(parameters_after[name] is parameters_before[name] for name in parameters_before)
     assert apply_halo(model, level=1) == []  # idempotent: HaloLinear is not a plain nn.Linear
-
-
-def fixed_batches(seed, count, vocab_size, batch_size=4, seq_len=32):
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        ids = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
-        batches.append(Batch(input_ids=ids[:, :-1].contiguous(), labels=ids[:, 1:].contiguous()))
-    return batches
 
 
 SCHEDULE = dict(lr=3e-3, warmup_steps=2, total_steps=20, min_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0)

@@ -17,7 +17,7 @@ bnb = pytest.importorskip("bitsandbytes")  # absent on the GPU machine unless it
 from bitsandbytes.functional import dequantize_4bit  # noqa: E402
 from torch import nn
 
-from fuyou.data import Batch
+from batches import fixed_batches
 from fuyou.models import build_model, from_pretrained, get_preset, save_pretrained
 from fuyou.reference import ReferenceTrainer
 from quant.qlora import (
@@ -86,15 +86,6 @@ def test_target_modules_are_configurable_and_checked():
     assert len(trainable) == 2 * 2 and all(".o_proj." in name for name in trainable)
     with pytest.raises(ValueError, match="up_proj"):
         prepare_qlora(tiny(), rank=2, alpha=4, dropout=0.0, target_modules=["up_proj"])  # llama has gate_up_proj
-
-
-def fixed_batches(seed, count, vocab_size, batch_size=4, seq_len=32):
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        ids = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
-        batches.append(Batch(input_ids=ids[:, :-1].contiguous(), labels=ids[:, 1:].contiguous()))
-    return batches
 
 
 @pytest.mark.parametrize("optim_bits", [8, 32])
