@@ -153,6 +153,16 @@ CASES = [
          "offload.optimizer_cpu_blocks=16", "offload.cpu_memory_gb=24"),
     ),
     Case(
+        "fuyou-1.3b-split-b16-ga1",
+        "Fuyou runtime, GPT-3 1.3B shape, bf16, the optimizer state of blocks 0-10 (and embeddings/head) in RAM "
+        "and of blocks 11-23 on SSD, pinned pool capped at 24 GiB (memory_need: 23.1 GiB at 11 blocks; twice "
+        "b8's block inputs take 5 blocks' state out of RAM), batch 16 x 2048, 3 steps (issue 5's SSD path at a "
+        "second batch size)",
+        "configs/tiny.yaml",
+        (*(override.replace("gpt3-2.7b", "gpt3-1.3b") for override in _fuyou_2_7b("ssd", 16, 1).overrides),
+         "offload.optimizer_cpu_blocks=11", "offload.cpu_memory_gb=24"),
+    ),
+    Case(
         "fuyou-tiny-cpu",
         "Fuyou runtime, tiny LLaMA on the CPU with the optimizer state on SSD (a smoke test of this harness)",
         "configs/tiny.yaml",

@@ -183,3 +183,23 @@ def test_deferred_updates_move_the_cpu_leg_to_the_forward():
     assert deferred.backward_s < overlapped.backward_s - 20 * update_s
     assert deferred.epilogue_s == pytest.approx(overlapped.epilogue_s)  # block 0's update: serial either way
     assert deferred.optimizer_busy_s == pytest.approx(overlapped.optimizer_busy_s)
+
+
+def test_ssd_duplex_rate_prices_reads_and_writes_in_flight_together():
+    """max(r / read, w / write, (r + w) / duplex) per drive, striped over ssd_count; no duplex: r/read + w/write."""
+    legs = Legs(ssd_read_bytes=4e9, ssd_write_bytes=2e9)  # ROUND: 2 drives of 1.0 read, 0.5 write GB/s
+    assert leg_times(legs, ROUND).ssd_s == pytest.approx(4 / 2 + 2 / 1)  # they take turns
+    assert leg_times(legs, ROUND.replace(ssd_duplex_gbps=1.2)).ssd_s == pytest.approx(6 / 2.4)  # mixed rate binds
+    assert leg_times(legs, ROUND.replace(ssd_duplex_gbps=10.0)).ssd_s == pytest.approx(max(4 / 2, 2 / 1))  # lanes
+    reads_only = Legs(ssd_read_bytes=4e9)
+    assert leg_times(reads_only, ROUND.replace(ssd_duplex_gbps=1.2)).ssd_s == pytest.approx(4 / 2)
+
+
+def test_the_cpu_worker_is_priced_at_its_rates_under_load_where_measured():
+    legs = Legs(optimizer_params=2e9, cpu_bytes=6e9)
+    alone = ROUND.replace(cpu_memory_gbps=3.0)
+    assert leg_times(legs, alone).optimizer_s == pytest.approx(2 / 1.0 + 6 / 3.0)
+    loaded = alone.replace(cpu_adam_loaded_gparams_per_s=0.8, cpu_memory_loaded_gbps=2.0)
+    assert leg_times(legs, loaded).optimizer_s == pytest.approx(2 / 0.8 + 6 / 2.0)
+    with pytest.raises(ConfigError, match="cpu_adam_loaded_gparams_per_s"):
+        ROUND.replace(cpu_adam_loaded_gparams_per_s=0.0)

@@ -34,10 +34,19 @@ the CPU leg moves from the backward stages to the forward stages (forward block 
 the epilogue adds the outer group's and block 0's updates, which nothing hides.
 
 The CPU worker (one thread, torch's kernels use the cores) does, per block and step:
-    AdamW                      P_b / cpu_adam_gparams_per_s
-    publish: fp32 -> weights   (4 + b) P_b bytes / cpu_memory_gbps   (b compute bytes per weight)
-    micro-batches 2..A         one add each into the fp32 accumulator: 12 P_b bytes / cpu_memory_gbps
-    norm, when A > 1           4 P_b bytes / cpu_memory_gbps (A = 1: the GPU takes it)
+    AdamW                      P_b / adam rate
+    publish: fp32 -> weights   (4 + b) P_b bytes / pass rate   (b compute bytes per weight)
+    micro-batches 2..A         one add each into the fp32 accumulator: 12 P_b bytes / pass rate
+    norm, when A > 1           4 P_b bytes / pass rate (A = 1: the GPU takes it)
+with both rates as the probe measured them under the runtime's load (pinned block-sized groups while
+the GPU computes and PCIe copies stream both ways: `cpu_adam_loaded_gparams_per_s`,
+`cpu_memory_loaded_gbps`), else alone (`cpu_adam_gparams_per_s`, `cpu_memory_gbps`). The epilogue's few
+updates run with less beside them; they are priced at the same rate.
+
+SSD: a stage's r bytes read and w written take max(r / read, w / write, (r + w) / duplex) on the array,
+where `ssd_duplex_gbps` is the probe's rate with reads and writes in flight at once (the optimizer
+reads one group's state ahead while it writes another's behind); without it, r / read + w / write
+(they take turns: an upper bound).
 
 FLOP conventions (three, all reported; a multiply-add is 2 FLOPs):
     hardware FLOPs  what the GPU executes: forward + backward (2 x forward) + recompute + head.
@@ -57,10 +66,9 @@ What it does NOT model (each a known source of error):
     - how block efficiency changes with shape: the probe measures one block shape (GPT-3 2.7B, 8 x 2048)
       and the same fraction is applied to every model and batch; small T and small D run below it;
     - causal attention doing half the S^2 work (counted in full, and inside the measured efficiency);
-    - contention: DRAM bandwidth shared by the CPU optimizer, PCIe DMA and SSD DMA; PCIe shared by the
-      GPU and the SSDs behind one root complex; CPU cores shared by I/O threads and the optimizer;
+    - contention beyond what the loaded CPU rates measure: SSD DMA sharing DRAM with the optimizer;
+      PCIe shared by the GPU and the SSDs behind one root complex; the GPU's rate under concurrent DMA;
     - jitter: per-block times are equal, so a prefetch depth beyond 1 buys no time here (only memory);
-    - SSD reads and writes overlapping each other (they share the drives: priced one after the other);
     - filesystem, RAID and page-cache effects, GPUDirect, pinned-memory registration, first-step warm-up;
     - which steps clip: the caller says whether updates are deferred (steps after a clipped one);
     - the gradient ring's backpressure (backward waits while all n buffers await their updates);
@@ -255,9 +263,11 @@ def leg_times(legs: Legs, hardware: HardwareProfile) -> LegTimes:
     compute  flops / (gpu_tflops x block_efficiency)
     PCIe     max(H2D / h2d, D2H / d2h, (H2D + D2H) / duplex): directions are separate lanes, but a
              measured duplex rate below h2d + d2h caps them together
-    SSD      read / (count x read rate) + write / (count x write rate): striping scales with the count;
-             reads and writes share the drives, so they add
-    CPU      params / AdamW rate + other passes' bytes / CPU memory rate (one worker: they add)
+    SSD      max(read / array read, write / array write, (read + write) / array duplex): striping scales
+             each rate with the count; reads and writes share the drives, and the measured duplex rate
+             says how well they overlap. No duplex rate: read / array read + write / array write
+    CPU      params / AdamW rate + other passes' bytes / CPU memory rate (one worker: they add), both
+             under the runtime's load where the probe measured that
     """
     h2d_s, d2h_s = legs.h2d_bytes / (hardware.h2d_gbps * 1e9), legs.d2h_bytes / (hardware.d2h_gbps * 1e9)
     pcie_s = max(h2d_s, d2h_s)
@@ -266,13 +276,18 @@ def leg_times(legs: Legs, hardware: HardwareProfile) -> LegTimes:
     ssd_s = 0.0
     if legs.ssd_read_bytes or legs.ssd_write_bytes:
         assert hardware.ssd_count > 0, "an SSD placement on a machine without SSDs (the planner rejects it)"
-        ssd_s = legs.ssd_read_bytes / (hardware.ssd_array_read_gbps * 1e9) + legs.ssd_write_bytes / (hardware.ssd_array_write_gbps * 1e9)
+        read_s = legs.ssd_read_bytes / (hardware.ssd_array_read_gbps * 1e9)
+        write_s = legs.ssd_write_bytes / (hardware.ssd_array_write_gbps * 1e9)
+        duplex_gbps = hardware.ssd_array_duplex_gbps
+        ssd_s = (read_s + write_s if duplex_gbps is None
+                 else max(read_s, write_s, (legs.ssd_read_bytes + legs.ssd_write_bytes) / (duplex_gbps * 1e9)))
+    pass_gbps = hardware.worker_memory_gbps
     return LegTimes(
         compute_s=legs.compute_flops / (hardware.block_tflops * 1e12),
         pcie_s=pcie_s,
         ssd_s=ssd_s,
-        optimizer_s=legs.optimizer_params / (hardware.cpu_adam_gparams_per_s * 1e9)
-        + (legs.cpu_bytes / (hardware.cpu_memory_gbps * 1e9) if hardware.cpu_memory_gbps else 0.0),
+        optimizer_s=legs.optimizer_params / (hardware.worker_adam_gparams_per_s * 1e9)
+        + (legs.cpu_bytes / (pass_gbps * 1e9) if pass_gbps else 0.0),
         h2d_s=h2d_s,
         d2h_s=d2h_s,
     )

@@ -49,6 +49,16 @@ class HardwareProfile:
         cpu_memory_gbps: bytes per second (read + written) of a plain CPU pass over large fp32
             tensors, what the optimizer worker's non-AdamW passes run at (weight casts, gradient adds,
             norms); None: those passes are not priced.
+        cpu_adam_loaded_gparams_per_s, cpu_memory_loaded_gbps: the same two CPU rates measured the
+            way the runtime's optimizer worker meets them: on pinned block-sized groups while the GPU
+            computes and pinned copies stream both ways over PCIe (DMA and the optimizer share the
+            DRAM; the copies' and the GPU's host threads share the cores). The cost model prices the
+            worker at these where given; None: at the rates measured alone.
+        ssd_duplex_gbps: one drive's bytes per second read + written when reads and writes are in
+            flight at once (the optimizer reads one group's state ahead while it writes another's
+            behind). The cost model takes a drive's time for r bytes read and w written as
+            max(r / read, w / write, (r + w) / duplex); None: reads and writes take turns,
+            r / read + w / write.
         source: where the numbers come from (probe command and date, or datasheets).
     """
 
@@ -69,6 +79,9 @@ class HardwareProfile:
     ssd_capacity_gb: float | None = None
     block_efficiency: float | None = None
     cpu_memory_gbps: float | None = None
+    cpu_adam_loaded_gparams_per_s: float | None = None
+    cpu_memory_loaded_gbps: float | None = None
+    ssd_duplex_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if self.compute_device not in COMPUTE_DEVICES:
@@ -86,7 +99,8 @@ class HardwareProfile:
             raise ConfigError(f"hardware.ssd_count must be >= 0, got {self.ssd_count}")
         if self.block_efficiency is not None and not 0 < self.block_efficiency <= 1:
             raise ConfigError(f"hardware.block_efficiency must be in (0, 1] or null, got {self.block_efficiency}")
-        for key in ("pcie_duplex_gbps", "ssd_capacity_gb", "cpu_memory_gbps"):
+        for key in ("pcie_duplex_gbps", "ssd_capacity_gb", "cpu_memory_gbps", "cpu_adam_loaded_gparams_per_s",
+                    "cpu_memory_loaded_gbps", "ssd_duplex_gbps"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ConfigError(f"hardware.{key} must be > 0 or null, got {value}")
@@ -97,6 +111,21 @@ class HardwareProfile:
     def block_tflops(self) -> float:
         """The rate transformer blocks (and the head) are priced at: gpu_tflops x block_efficiency."""
         return self.gpu_tflops * (self.block_efficiency or 1.0)
+
+    @property
+    def worker_adam_gparams_per_s(self) -> float:
+        """The CPU AdamW rate the optimizer worker is priced at: under the runtime's load where measured."""
+        return self.cpu_adam_loaded_gparams_per_s or self.cpu_adam_gparams_per_s
+
+    @property
+    def worker_memory_gbps(self) -> float | None:
+        """The worker's plain-pass rate (casts, adds, norms): under load where measured; None: not priced."""
+        return self.cpu_memory_loaded_gbps or self.cpu_memory_gbps
+
+    @property
+    def ssd_array_duplex_gbps(self) -> float | None:
+        """Striped read + write rate with both in flight; None: unknown (they take turns)."""
+        return None if self.ssd_duplex_gbps is None else self.ssd_count * self.ssd_duplex_gbps
 
     @property
     def ssd_array_read_gbps(self) -> float:

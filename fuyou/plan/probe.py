@@ -14,13 +14,23 @@ runs it in seconds, at the price of rates well below the hardware's):
     CPU AdamW  torch's fused CPU AdamW (foreach where fused is missing) over 256M fp32 params (quick 2M).
     CPU pass   a copy of 1 GiB (quick 64 MiB) between fp32 tensors, bytes read + written per second ->
                `cpu_memory_gbps`, the rate of the optimizer worker's casts and gradient adds.
+    CPU under load (CUDA only) both again the way the runtime's optimizer worker meets them: the
+               runtime's AdamW kernel (offload.cpu_optimizer.AdamWKernel) on [3, n] states in pinned
+               pool buffers, 4 groups of 64M params (quick 4 x 1M), and the cast pass from fp32 masters
+               into bf16 weights, while a load thread keeps the GPU computing (bf16 GEMMs) and pinned
+               256 MiB copies streaming H2D and D2H on their own streams, waited on with blocking-sync
+               events as offload.streams does -> `cpu_adam_loaded_gparams_per_s`,
+               `cpu_memory_loaded_gbps`. DMA and AdamW share the DRAM (AdamW moves ~28 B/param), and
+               the copies' threads share the cores with torch's intra-op threads.
     SSD        O_DIRECT writes then reads of a 2 GiB file (quick 32 MiB) under `ssd_dir` through
-               offload's `PosixBackend` (the store's own I/O path: 8 MiB pieces, 8 threads). The
-               directory is one "drive" (`ssd_count: 1`): point it at a RAID-0 and the array's rate is
-               what you get. Filesystems without O_DIRECT (tmpfs) give buffered, page-cache rates: noted.
+               offload's `PosixBackend` (the store's own I/O path: 8 MiB pieces, 8 threads); then reads
+               of that file and writes of a second one in flight at once, on one backend as the store
+               issues them -> `ssd_duplex_gbps` (bytes read + written per second). The directory is
+               one "drive" (`ssd_count: 1`): point it at a RAID-0 and the array's rate is what you
+               get. Filesystems without O_DIRECT (tmpfs) give buffered, page-cache rates: noted.
     capacity   free GPU memory, available RAM, free disk under `ssd_dir`, in GiB.
-Not measured: rates under contention (GEMM while copying, SSD while the optimizer runs), which the
-cost model does not use either.
+Not measured: the GPU's rate while copies run, SSD DMA beside the optimizer (the cost model leaves
+them out too).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -151,47 +162,125 @@ def adam_gparams_per_s(num_params: int, repeats: int) -> tuple[float, str]:
     return num_params / _timed(optimizer.step, repeats) / 1e9, kind
 
 
+def cpu_rates_under_load(group_params: int, num_groups: int, repeats: int) -> tuple[float, float]:
+    """(AdamW Gparam/s, cast pass GB/s read + written) on the optimizer worker's data while the GPU and
+    PCIe are busy (module docstring). CUDA only."""
+    from offload.cpu_optimizer import AdamWKernel
+    from offload.pinned import PinnedPool
+
+    pool = PinnedPool()
+
+    def pinned(num_elements: int, dtype: torch.dtype) -> torch.Tensor:
+        num_bytes = num_elements * dtype.itemsize
+        return pool.acquire(num_bytes).view(num_bytes).view(dtype)
+
+    states = [pinned(3 * group_params, torch.float32).fill_(0.5).view(3, group_params) for _ in range(num_groups)]
+    grads = [pinned(group_params, torch.float32).normal_() for _ in range(num_groups)]
+    weights = [pinned(group_params, torch.bfloat16) for _ in range(num_groups)]
+    kernel = AdamWKernel("torch", betas=(0.9, 0.95), eps=1e-8)
+    adam_steps = iter(range(1, 1 << 30))
+
+    def adamw() -> None:
+        step = next(adam_steps)
+        for state, grad in zip(states, grads):
+            kernel.step(state[0], grad, state[1], state[2], step=step, lr=1e-4, weight_decay=0.1)
+
+    def cast() -> None:  # the worker's publish: updated fp32 masters into the bf16 weights' home
+        for state, weight in zip(states, weights):
+            weight.copy_(state[0])
+
+    copy_bytes = 256 * MiB
+    host_in, host_out = pinned(copy_bytes, torch.uint8), pinned(copy_bytes, torch.uint8)
+    device_in = torch.empty(copy_bytes, dtype=torch.uint8, device="cuda")
+    device_out = torch.empty(copy_bytes, dtype=torch.uint8, device="cuda")
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    streams = {"h2d": torch.cuda.Stream(), "d2h": torch.cuda.Stream(), "compute": torch.cuda.Stream()}
+    work = {
+        "h2d": lambda: device_in.copy_(host_in, non_blocking=True),
+        "d2h": lambda: host_out.copy_(device_out, non_blocking=True),
+        "compute": lambda: [a @ a for _ in range(32)],  # ~5 ms, about one 256 MiB copy's time
+    }
+    stop = threading.Event()
+
+    def load() -> None:  # the runtime's steady state: GEMMs and copies both ways, waited on asleep
+        while not stop.is_set():
+            events = []
+            for name, stream in streams.items():
+                with torch.cuda.stream(stream):
+                    work[name]()
+                    events.append(torch.cuda.Event(blocking=True))
+                    events[-1].record(stream)
+            for event in events:
+                event.synchronize()
+
+    loader = threading.Thread(target=load, name="probe-load", daemon=True)
+    loader.start()
+    try:
+        adam_s = _timed(adamw, repeats)
+        cast_s = _timed(cast, repeats)
+    finally:
+        stop.set()
+        loader.join()
+        torch.cuda.synchronize()
+        pool.close()
+    num_params = group_params * num_groups
+    return num_params / adam_s / 1e9, (4 + 2) * num_params / cast_s / 1e9
+
+
 def _aligned(num_bytes: int) -> torch.Tensor:
     backing = torch.empty(num_bytes + 4096, dtype=torch.uint8)
     offset = (-backing.data_ptr()) % 4096
     return backing[offset:offset + num_bytes]
 
 
-def ssd_gbps(directory: str, file_bytes: int, chunk_bytes: int = 64 * MiB) -> tuple[float, float, bool]:
-    """(write, read) GB/s of a `file_bytes` file under `directory` through offload's PosixBackend, and
-    whether the I/O bypassed the page cache (O_DIRECT)."""
+def ssd_gbps(directory: str, file_bytes: int, chunk_bytes: int = 64 * MiB) -> tuple[float, float, float, bool]:
+    """(write, read, duplex) GB/s of `file_bytes` files under `directory` through offload's PosixBackend,
+    and whether the I/O bypassed the page cache (O_DIRECT). Duplex: the first file read back while a
+    second is written, both in flight on one backend, bytes read + written per second."""
     from offload.ssd import PosixBackend
 
     os.makedirs(directory, exist_ok=True)
     chunk_bytes = min(chunk_bytes, file_bytes)
     backend = PosixBackend()
-    fd, path = tempfile.mkstemp(prefix="fuyou-probe-", suffix=".bin", dir=directory)
+    paths, handles = [], []
     try:
-        os.ftruncate(fd, file_bytes)
-        os.close(fd)
-        handle = backend.open(path)
-        buffers = [_aligned(chunk_bytes).fill_(7) for _ in range(4)]
+        for _ in range(2):
+            fd, path = tempfile.mkstemp(prefix="fuyou-probe-", suffix=".bin", dir=directory)
+            paths.append(path)
+            os.ftruncate(fd, file_bytes)
+            os.close(fd)
+            handles.append(backend.open(path))
+        first, second = handles
+        write_buffers = [_aligned(chunk_bytes).fill_(7) for _ in range(4)]
+        read_buffers = [_aligned(chunk_bytes) for _ in range(4)]
         offsets = range(0, file_bytes - chunk_bytes + 1, chunk_bytes)
 
-        def run(io) -> float:
+        def run(*ios) -> float:
+            """ios: (io, handle, buffers); their requests are issued interleaved, all in flight at once."""
             start_s = time.perf_counter()
-            pending = [io(handle, buffers[i % len(buffers)], offset) for i, offset in enumerate(offsets)]
+            pending = [io(handle, buffers[i % len(buffers)], offset)
+                       for i, offset in enumerate(offsets) for io, handle, buffers in ios]
             for future in pending:
                 future.result()
-            if io == backend.write:
-                os.fsync(handle.fd)
+            for io, handle, _ in ios:
+                if io == backend.write:
+                    os.fsync(handle.fd)
             return time.perf_counter() - start_s
 
         done_bytes = len(offsets) * chunk_bytes
-        write_s = run(backend.write)
-        os.posix_fadvise(handle.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # reads from the disk, not RAM
-        read_s = run(backend.read)
-        direct = handle.direct
-        backend.close(handle)
+        write_s = run((backend.write, first, write_buffers))
+        os.posix_fadvise(first.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # reads from the disk, not RAM
+        read_s = run((backend.read, first, read_buffers))
+        os.posix_fadvise(first.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        duplex_s = run((backend.read, first, read_buffers), (backend.write, second, write_buffers))
+        direct = first.direct
     finally:
+        for handle in handles:
+            backend.close(handle)
         backend.shutdown()
-        os.unlink(path)
-    return done_bytes / write_s / 1e9, done_bytes / read_s / 1e9, direct
+        for path in paths:
+            os.unlink(path)
+    return done_bytes / write_s / 1e9, done_bytes / read_s / 1e9, 2 * done_bytes / duplex_s / 1e9, direct
 
 
 def probe(ssd_dir: str | None = None, *, quick: bool = False, log=print) -> HardwareProfile:
@@ -233,14 +322,21 @@ def probe(ssd_dir: str | None = None, *, quick: bool = False, log=print) -> Hard
     adam, kind = adam_gparams_per_s((2 << 20) if quick else (256 << 20), 2 if quick else 5)
     notes.append(f"CPU AdamW: torch {kind}, {torch.get_num_threads()} threads")
     log(f"CPU AdamW ({kind}): {adam:.2f} Gparam/s")
+    adam_loaded = pass_loaded = None
+    if cuda:
+        adam_loaded, pass_loaded = cpu_rates_under_load((1 << 20) if quick else (64 << 20), 4, 2 if quick else 5)
+        notes.append("CPU under load: AdamWKernel and the fp32 -> bf16 cast on pinned 4-group states while GEMMs "
+                     "and both PCIe directions run")
+        log(f"CPU under the runtime's load: AdamW {adam_loaded:.2f} Gparam/s, cast pass {pass_loaded:.1f} GB/s")
     try:
-        write, read, direct = ssd_gbps(ssd_dir, (32 * MiB) if quick else 2 * GiB)
+        write, read, duplex_ssd, direct = ssd_gbps(ssd_dir, (32 * MiB) if quick else 2 * GiB)
     except OSError as error:
         raise FuyouError(f"cannot test the SSD under {ssd_dir} ({error.strerror or error}); pass --ssd-dir "
                          "a writable directory on the SSD(s)") from None
     notes.append(f"SSD under {ssd_dir}: {'O_DIRECT' if direct else 'buffered (no O_DIRECT there: page-cache rates, not the disk)'}, "
                  "one drive as the OS sees it")
-    log(f"SSD {ssd_dir}: write {write:.2f} GB/s, read {read:.2f} GB/s{'' if direct else ' (buffered)'}")
+    log(f"SSD {ssd_dir}: write {write:.2f} GB/s, read {read:.2f} GB/s, both at once {duplex_ssd:.2f} GB/s"
+        f"{'' if direct else ' (buffered)'}")
     profile = HardwareProfile(
         name=f"probed-{platform.node() or 'machine'}",
         compute_device="cuda" if cuda else "cpu",
@@ -258,6 +354,9 @@ def probe(ssd_dir: str | None = None, *, quick: bool = False, log=print) -> Hard
         ssd_capacity_gb=round(shutil.disk_usage(ssd_dir).free / GiB, 1),
         block_efficiency=efficiency,
         cpu_memory_gbps=cpu_pass,
+        cpu_adam_loaded_gparams_per_s=adam_loaded,
+        cpu_memory_loaded_gbps=pass_loaded,
+        ssd_duplex_gbps=duplex_ssd,
         source="; ".join(notes),
     )
     return profile
