@@ -82,6 +82,12 @@ class TrainSection:
     One optimizer step consumes `grad_accum` micro-batches of `batch_size` sequences of
     `seq_len` tokens. The learning rate warms up linearly over `warmup_steps`, then follows a
     cosine from `lr` down to `lr * min_lr_ratio` at `steps`.
+
+    `compile`: run every transformer block's forward and backward through one torch.compile graph
+    (Inductor fuses the norms, activations, residual adds and casts between the GEMMs; both runtimes,
+    with or without activation checkpointing; fuyou.block_compile). CUDA only; the first step also
+    compiles (tens of seconds for a large block). If the compiler fails, the run stops with an error
+    naming train.compile=false.
     """
 
     steps: int = 100
@@ -100,6 +106,7 @@ class TrainSection:
     precision: str = "auto"
     log_every: int = 1
     save_final: bool = True
+    compile: bool = False
 
 
 @dataclass
@@ -243,6 +250,10 @@ class TrainConfig:
             raise ConfigError(f"quant.optimizer_bits must be 8 or 32, got {quant.optimizer_bits}")
         if quant.mode == "qlora" and self.runtime != "reference":
             raise ConfigError("quant.mode=qlora runs on runtime=reference; quant.stream=true streams its 4-bit blocks from CPU memory")
+        if train.compile and self.device == "cpu":
+            raise ConfigError("train.compile needs device=cuda (Inductor on the CPU needs a C++ compiler and gains little); drop train.compile")
+        if train.compile and quant.mode == "qlora":
+            raise ConfigError("train.compile does not trace QLoRA's bitsandbytes layers; set train.compile=false with quant.mode=qlora")
         if quant.stream and quant.mode != "qlora":
             raise ConfigError(f"quant.stream streams QLoRA's 4-bit blocks; set quant.mode=qlora or drop quant.stream (got quant.mode={quant.mode})")
         model = self.model

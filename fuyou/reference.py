@@ -1,7 +1,7 @@
 """The reference trainer: plain PyTorch on one device, the oracle every runtime is checked against.
 
-It shares the model and the data code with the Fuyou runtime and nothing else, so that a parity
-failure points at the runtime. It is kept obviously correct rather than fast:
+It shares the model and the data code with the Fuyou runtime and nothing else (but, with
+`compile_blocks`, the compile wrapper of fuyou.block_compile), so that a parity failure points at the runtime. It is kept obviously correct rather than fast:
 
 - loss: cross-entropy summed over every target token of the optimizer step (all micro-batches),
   divided by the number of those tokens. Each micro-batch back-propagates its own sum divided by
@@ -12,6 +12,8 @@ failure points at the runtime. It is kept obviously correct rather than fast:
   nothing else are exempt. Learning rate from `fuyou.lr_schedule` at every step.
 - bf16: autocast around forward and loss; master weights, gradients and Adam state stay fp32.
 - activation checkpointing: each block is recomputed in backward (torch.utils.checkpoint).
+- compile (opt-in): every block through one torch.compile'd function (fuyou.block_compile), the
+  checkpointing inside it; the model code is the same, only its kernels are fused.
 
 Shapes: B batch, S sequence, V vocabulary, D hidden.
 """
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fuyou.block_compile import module_block_function
 from fuyou.data import IGNORE_INDEX, Batch
 from fuyou.lr_schedule import lr_at_step
 
@@ -99,6 +102,7 @@ class ReferenceTrainer:
             activations.
         optimizer: use this optimizer (e.g. QLoRA's paged AdamW) instead of torch's AdamW; the
             schedule still sets each group's "lr" every step.
+        compile_blocks: run each block (and its checkpointing) through one torch.compile'd function.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class ReferenceTrainer:
         precision: str = "fp32",
         activation_checkpointing: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
+        compile_blocks: bool = False,
     ):
         assert precision in ("fp32", "bf16"), precision
         self.model = model
@@ -126,13 +131,17 @@ class ReferenceTrainer:
         self.activation_checkpointing = activation_checkpointing
         self.optimizer = optimizer or torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
         self.step_index = 0
+        self.compiled_block = module_block_function() if compile_blocks else None
 
     def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] under this trainer's precision and checkpointing settings."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             x_BSD = self.model.embed(input_ids_BS)
             for block in self.model.blocks:
-                if self.activation_checkpointing and torch.is_grad_enabled():
+                checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
+                if self.compiled_block is not None:
+                    x_BSD = self.compiled_block(block, x_BSD, checkpointed)
+                elif checkpointed:
                     x_BSD = checkpoint(block, x_BSD, use_reentrant=False)
                 else:
                     x_BSD = block(x_BSD)

@@ -407,6 +407,8 @@ class FuyouRuntime:
         initializer: a `fuyou.models.Initializer` for a model on "meta": its pieces are materialised
             and initialised on the CPU one at a time, in its order, each block released to "meta"
             again once flattened into the store, so the whole model never exists in fp32 at once.
+        compile_blocks: run each block through one torch.compile'd function (train.compile;
+            fuyou.block_compile).
 
     Raises:
         ConfigError: an invalid placement, or a gradient ring with clipping.
@@ -419,7 +421,7 @@ class FuyouRuntime:
                  params: str = "cpu", optimizer: str = "cpu", activations: str = "cpu", optimizer_cpu_blocks: int | None = None,
                  gpu_memory_gb: float | None = None, cpu_memory_gb: float | None = None, ssd_dir: str | None = None,
                  prefetch_depth: int = 1, micro_batch_tokens: int = 0, optimizer_kernel: str = "torch",
-                 gradient_ring: int = 0, initializer: Callable | None = None) -> None:
+                 gradient_ring: int = 0, initializer: Callable | None = None, compile_blocks: bool = False) -> None:
         assert precision in ("fp32", "bf16"), precision
         self.placement = Placement(params, optimizer, activations, optimizer_cpu_blocks)
         num_layers = len(model.blocks)
@@ -497,6 +499,7 @@ class FuyouRuntime:
             model, self.weights, self.optimizer,
             lambda: ActivationSwap(self.store, activation_tier, compute_tier, keep=activations in ("gpu", "none")),
             recompute_inputs=activations == "none", device=self.device, bf16=precision == "bf16", prefetch_depth=prefetch_depth,
+            compile_blocks=compile_blocks,
         )
 
     def _make_outer_resident(self, outer_named, outer_layout) -> None:

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from fuyou.block_compile import flat_block_function
 from fuyou.data import IGNORE_INDEX
 from offload.activations import ActivationSwap
 
@@ -139,16 +140,24 @@ class FuyouSchedule:
         device: the compute device.
         bf16: run blocks and head under bf16 autocast, as the reference does.
         prefetch_depth: d.
+        compile_blocks: run every block (forward, recompute, backward) through one torch.compile'd
+            function of x and the block's flat weight parts (fuyou.block_compile).
     """
 
     def __init__(self, model, weights, optimizer, make_activations: Callable[[], ActivationSwap], *,
-                 recompute_inputs: bool, device: torch.device, bf16: bool, prefetch_depth: int) -> None:
+                 recompute_inputs: bool, device: torch.device, bf16: bool, prefetch_depth: int,
+                 compile_blocks: bool = False) -> None:
         self.model, self.weights, self.optimizer = model, weights, optimizer
         self.make_activations, self.recompute_inputs = make_activations, recompute_inputs
         self.device, self.bf16, self.depth = device, bf16, prefetch_depth
         self.num_layers = len(model.blocks)
         self.outer_parameters = [p for name, p in model.named_parameters() if not name.startswith("blocks.")]
         self.tracer = None  # a profiler's fuyou.timeline.ComputeTracer; None: spans cost nothing
+        self.compiled_block = None
+        if compile_blocks:
+            # One graph for all L blocks: their flat layouts are the same, only the values passed in differ.
+            assert all(layouts == weights.layouts[0] for layouts in weights.layouts), "blocks differ in shape"
+            self.compiled_block = flat_block_function(model.blocks[0], weights.layouts[0])
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
@@ -161,6 +170,8 @@ class FuyouSchedule:
 
     def _block(self, j: int, parts: list[torch.Tensor], x_BSD: torch.Tensor) -> torch.Tensor:
         with self.autocast():
+            if self.compiled_block is not None:
+                return self.compiled_block(x_BSD, *parts)
             return functional_call(self.model.blocks[j], self.weights.views(j, parts), (x_BSD,))
 
     # ---- one step ------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.overwrite = overwrite
         self.device = _resolve_device(config.device)
+        if config.train.compile and self.device.type != "cuda":  # device=auto on a machine without a GPU
+            raise ConfigError("train.compile needs device=cuda (Inductor on the CPU needs a C++ compiler and gains little); drop train.compile")
         self.plan_report = None
         self.hardware = None  # a HardwareProfile of this machine: the utilisation's peak
         if config.hardware is not None:
@@ -150,7 +152,8 @@ class Trainer:
             self.model = self.runtime.model
         elif config.runtime == "reference":
             self.runtime = ReferenceTrainer(
-                self.model, activation_checkpointing=train.activation_checkpointing, optimizer=optimizer, **optimization
+                self.model, activation_checkpointing=train.activation_checkpointing, optimizer=optimizer,
+                compile_blocks=train.compile, **optimization
             )
         else:
             offload = config.offload
@@ -166,6 +169,7 @@ class Trainer:
                 micro_batch_tokens=train.batch_size * train.seq_len,
                 gradient_ring=gradient_ring,
                 initializer=initializer,
+                compile_blocks=train.compile,
             )
         self._batches = self.dataset.batches(train.batch_size)
         self.steps_done = 0

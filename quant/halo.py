@@ -52,7 +52,8 @@ tokens contiguous, and the input gradient needs W^T. The quantizer therefore wri
 layouts its GEMMs need, in the same pass that scales it: the forward keeps Q(X H_I)^T and Q(W H_I)^T for
 backward (the same bytes as keeping the row-major copies). On CUDA the quantizer (amax, scale, cast, both
 layouts) runs through torch.compile with static shapes, two fused kernels, unless `use_compiled_quantizer(False)`; if the
-compiler fails it warns once and falls back to eager torch ops.
+compiler fails it warns once and falls back to eager torch ops. Inside a block compiled whole (`train.compile`,
+fuyou.block_compile) the quantizer is traced into the block's graph instead.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def _quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool):
 
 
 def _quantize(x_RC: torch.Tensor, rows: bool = True, cols: bool = False):
+    if torch.compiler.is_compiling():
+        # Inside a compiled block (train.compile): the math joins the block's graph, where Inductor can
+        # fuse it into the kernel that produces x_RC; no nested compiled function, no config changes.
+        return _quantize_math(x_RC, rows, cols)
     if x_RC.is_cuda and _compiler["enabled"] and not _compiler["failed"]:
         if _compiler["function"] is None:
             # Static shapes: with dynamic ones Inductor cannot split the amax reduction across the GPU and
@@ -172,7 +177,10 @@ def _scaled_mm(a_MK: _Operand, b_NK: _Operand, out_dtype: torch.dtype, fast_accu
     """a_MK @ b_NK^T on FP8 tensor cores. Both operands come row-major with K contiguous (the quantizer wrote
     them so); `.contiguous()` below is then free, and only a padded (unaligned) operand is copied."""
     (m, k), n = a_MK.values.shape, b_NK.values.shape[0]
-    align = lambda size: -(-size // SCALED_MM_ALIGN) * SCALED_MM_ALIGN
+
+    def align(size: int) -> int:
+        return -(-size // SCALED_MM_ALIGN) * SCALED_MM_ALIGN
+
     a_values = _pad_to(a_MK.values, align(m), align(k)).contiguous()
     b_values = _pad_to(b_NK.values, align(n), align(k)).contiguous()
     # _scaled_mm takes A row-major [M, K] and B column-major [K, N]: a contiguous [N, K] seen transposed.
