@@ -17,9 +17,10 @@ runs it in seconds, at the price of rates well below the hardware's):
     CPU under load (CUDA only) both again the way the runtime's optimizer worker meets them: the
                runtime's AdamW kernel (offload.cpu_optimizer.AdamWKernel) on [3, n] states in pinned
                pool buffers, 4 groups of 64M params (quick 4 x 1M), and the cast pass from fp32 masters
-               into bf16 weights, while a load thread keeps the GPU computing (bf16 GEMMs) and pinned
-               256 MiB copies streaming H2D and D2H on their own streams, waited on with blocking-sync
-               events as offload.streams does -> `cpu_adam_loaded_gparams_per_s`,
+               into bf16 weights, while a load thread launches the block workload above (forward +
+               backward, from Python, as the runtime's main thread does) and pinned 256 MiB copies
+               H2D and D2H on their own streams, waited on with blocking-sync events as
+               offload.streams does -> `cpu_adam_loaded_gparams_per_s`,
                `cpu_memory_loaded_gbps`. DMA and AdamW share the DRAM (AdamW moves ~28 B/param), and
                the copies' threads share the cores with torch's intra-op threads.
     SSD        O_DIRECT writes then reads of a 4 GiB file (quick 32 MiB) under `ssd_dir` through
@@ -124,30 +125,43 @@ def memcpy_gbps(num_bytes: int, repeats: int) -> float:
     return num_bytes / _timed(lambda: dst.copy_(src), repeats) / 1e9
 
 
+PROBE_BLOCK_PRESET = "gpt3-2.7b"
+
+
+def block_shape(quick: bool) -> tuple[int, int]:
+    """(batch, sequence) of the probe's block workload."""
+    return (1, 256) if quick else (8, 2048)
+
+
+def block_workload(quick: bool):
+    """One GPT-3 2.7B block's forward + backward under bf16 autocast on an fp32 input, as the runtime
+    runs a block: () -> None, queued on the current stream."""
+    from fuyou.models import get_preset
+    from fuyou.models.transformer import Block
+
+    config = get_preset(PROBE_BLOCK_PRESET)
+    batch, seq = block_shape(quick)
+    block = Block(config).cuda()
+    x_BSD = torch.randn(batch, seq, config.hidden_size, device="cuda", requires_grad=True)
+    grad_BSD = torch.randn_like(x_BSD)
+
+    def forward_backward() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y_BSD = block(x_BSD)
+        y_BSD.backward(grad_BSD)
+
+    return forward_backward
+
+
 def block_efficiency(gpu_tflops: float, quick: bool) -> tuple[float, str]:
     """Achieved fraction of `gpu_tflops` for one transformer block's forward + backward (module docstring)."""
     from fuyou.models import get_preset
-    from fuyou.models.transformer import Block
     from fuyou.plan.cost_model import block_forward_flops
 
-    config = get_preset("gpt3-2.7b")
-    batch, seq = (1, 256) if quick else (8, 2048)
-
-    def timed_block() -> float:  # its tensors are freed when it returns
-        block = Block(config).cuda()
-        x_BSD = torch.randn(batch, seq, config.hidden_size, device="cuda", requires_grad=True)
-        grad_BSD = torch.randn_like(x_BSD)
-
-        def forward_backward() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y_BSD = block(x_BSD)
-            y_BSD.backward(grad_BSD)
-
-        return _timed(forward_backward, 3 if quick else 10, torch.cuda.synchronize)
-
-    seconds = timed_block()
-    torch.cuda.empty_cache()
-    flops = 3 * block_forward_flops(config, batch, seq).forward  # forward + backward (2 x forward)
+    batch, seq = block_shape(quick)
+    seconds = _timed(block_workload(quick), 3 if quick else 10, torch.cuda.synchronize)
+    torch.cuda.empty_cache()  # the workload's tensors were freed with it
+    flops = 3 * block_forward_flops(get_preset(PROBE_BLOCK_PRESET), batch, seq).forward  # forward + backward (2 x forward)
     return min(1.0, flops / seconds / 1e12 / gpu_tflops), f"GPT-3 2.7B block, {batch} x {seq}"
 
 
@@ -163,9 +177,10 @@ def adam_gparams_per_s(num_params: int, repeats: int) -> tuple[float, str]:
     return num_params / _timed(optimizer.step, repeats) / 1e9, kind
 
 
-def cpu_rates_under_load(group_params: int, num_groups: int, repeats: int) -> tuple[float, float]:
+def cpu_rates_under_load(quick: bool, num_groups: int = 4) -> tuple[float, float]:
     """(AdamW Gparam/s, cast pass GB/s read + written) on the optimizer worker's data while the GPU and
     PCIe are busy (module docstring). CUDA only."""
+    group_params, repeats = ((1 << 20), 2) if quick else ((64 << 20), 5)
     from offload.cpu_optimizer import AdamWKernel
     from offload.pinned import PinnedPool
 
@@ -194,16 +209,16 @@ def cpu_rates_under_load(group_params: int, num_groups: int, repeats: int) -> tu
     host_in, host_out = pinned(copy_bytes, torch.uint8), pinned(copy_bytes, torch.uint8)
     device_in = torch.empty(copy_bytes, dtype=torch.uint8, device="cuda")
     device_out = torch.empty(copy_bytes, dtype=torch.uint8, device="cuda")
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     streams = {"h2d": torch.cuda.Stream(), "d2h": torch.cuda.Stream(), "compute": torch.cuda.Stream()}
     work = {
         "h2d": lambda: device_in.copy_(host_in, non_blocking=True),
         "d2h": lambda: host_out.copy_(device_out, non_blocking=True),
-        "compute": lambda: [a @ a for _ in range(32)],  # ~5 ms, about one 256 MiB copy's time
+        # the probe's block, launched from Python as the runtime's main thread launches its blocks
+        "compute": block_workload(quick),
     }
     stop = threading.Event()
 
-    def load() -> None:  # the runtime's steady state: GEMMs and copies both ways, waited on asleep
+    def load() -> None:  # the runtime's steady state: a block computing, copies both ways, waited on asleep
         while not stop.is_set():
             events = []
             for name, stream in streams.items():
@@ -345,9 +360,9 @@ def probe(ssd_dir: str | None = None, *, quick: bool = False, log=print) -> Hard
     log(f"CPU AdamW ({kind}): {adam:.2f} Gparam/s")
     adam_loaded = pass_loaded = None
     if cuda:
-        adam_loaded, pass_loaded = cpu_rates_under_load((1 << 20) if quick else (64 << 20), 4, 2 if quick else 5)
-        notes.append("CPU under load: AdamWKernel and the fp32 -> bf16 cast on pinned 4-group states while GEMMs "
-                     "and both PCIe directions run")
+        adam_loaded, pass_loaded = cpu_rates_under_load(quick)
+        notes.append("CPU under load: AdamWKernel and the fp32 -> bf16 cast on pinned 4-group states while the "
+                     "block workload and both PCIe directions run")
         log(f"CPU under the runtime's load: AdamW {adam_loaded:.2f} Gparam/s, cast pass {pass_loaded:.1f} GB/s")
     try:
         write, read, duplex_ssd, direct = ssd_gbps(ssd_dir, (32 * MiB) if quick else 4 * GiB,
