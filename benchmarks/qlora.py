@@ -2,7 +2,7 @@
 
     python -m benchmarks.qlora [--preset llama3-8b] [--batch-size 1] [--seq-len 2048] [--steps 6]
                                [--variants hf ours ours-ckpt ours-stream] [--num-layers N] [--gpu-memory-gb G]
-                               [--prefetch-depth D] [--json PATH]
+                               [--prefetch-depth D] [--stream-cache-gb G] [--profile] [--json PATH]
     python -m benchmarks.qlora --preset llama3-70b --variants ours-stream --gpu-memory-gb 24 --batch-size 2
 
 Both start from random weights (no downloads) and train LoRA rank 16 (alpha 32, dropout 0.05) on every
@@ -72,6 +72,8 @@ def ours_overrides(args, checkpointing: bool, stream: bool = False) -> list[str]
     ]
     if stream:
         overrides += ["quant.stream=true", f"offload.prefetch_depth={args.prefetch_depth}"]
+        if args.stream_cache_gb:
+            overrides.append(f"quant.stream_cache_gb={args.stream_cache_gb:g}")
         if args.gpu_memory_gb is not None:
             overrides.append(f"offload.gpu_memory_gb={args.gpu_memory_gb}")
     if args.num_layers is not None:
@@ -141,11 +143,37 @@ def time_steps(args, step) -> tuple[list[float], list[float], dict]:
     device_events = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
     copies = [e for e in device_events if e.name.startswith(("Memcpy", "Memset"))]
     kernels = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))]
+    by_name: dict[str, float] = {}
+    for event in kernels:
+        by_name[event.name] = by_name.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e6
+    groups: dict[str, float] = {}
+    for name, seconds in by_name.items():
+        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + seconds
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:15]
     return step_s, losses, {
         "profile_kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
         "profile_kernels": len(kernels),
         "profile_copy_s": sum(e.time_range.elapsed_us() for e in copies) / 1e6,
+        "profile_kernel_groups_s": dict(sorted(groups.items(), key=lambda item: -item[1])),
+        "profile_top_kernels_s": [[name[:120], seconds] for name, seconds in top],
     }
+
+
+KERNEL_GROUPS = [  # (group, name fragments), first match wins: bitsandbytes' kernels before the GEMMs
+    ("nf4 (bitsandbytes)", ("dequantize", "4bit", "kQuantize", "kDequant")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "s16816", "wgmma")),
+    ("reduction", ("reduce", "norm", "softmax", "cross_entropy", "nll_loss")),
+]
+
+
+def kernel_group(name: str) -> str:
+    """A profiled kernel's group by its name (KERNEL_GROUPS); "elementwise and other" for the rest."""
+    lowered = name.lower()
+    for group, fragments in KERNEL_GROUPS:
+        if any(fragment.lower() in lowered for fragment in fragments):
+            return group
+    return "elementwise and other"
 
 
 def run_ours(args, checkpointing: bool) -> dict:
@@ -205,7 +233,8 @@ def run_stream(args) -> dict:
                                            rank=LORA["rank"], alpha=LORA["alpha"], dropout=LORA["dropout"])
     optimizer = make_paged_adamw(model, lr=2e-4, weight_decay=0.1, optim_bits=8)
     trainer = StreamedQLoRA(model, payloads, store, device=device, optimizer=optimizer, lr=2e-4, warmup_steps=0,
-                            total_steps=args.steps, max_grad_norm=1.0, precision="bf16", prefetch_depth=args.prefetch_depth)
+                            total_steps=args.steps, max_grad_norm=1.0, precision="bf16", prefetch_depth=args.prefetch_depth,
+                            cache_bytes=int(args.stream_cache_gb * GiB))
     torch.cuda.synchronize()
     build_s = time.perf_counter() - build_start_s
     build_peak_allocated_bytes = torch.cuda.max_memory_allocated()
@@ -230,6 +259,10 @@ def run_stream(args) -> dict:
         "streamed_bytes_per_step": h2d_bytes / steps,
         "gpu_cap_bytes": cap_bytes,
         "prefetch_depth": args.prefetch_depth,
+        "stream_cache_gb": args.stream_cache_gb,
+        "cache_plan": {"linears": len(trainer.cache.plan.chosen), "bytes": trainer.cache.plan.num_bytes,
+                       "recompute_flops_saved_per_micro_batch": trainer.cache.plan.flops_saved,
+                       "peak_bytes": trainer.cache.peak_bytes},
     }
     trainer.close()
     return result
@@ -340,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU cap per variant (see the docstring)")
     parser.add_argument("--prefetch-depth", type=int, default=1, help="ours-stream: blocks fetched ahead")
+    parser.add_argument("--stream-cache-gb", type=float, default=0.0,
+                        help="ours-stream: GiB of frozen linears' outputs kept for the recompute (quant.stream_cache_gb)")
     parser.add_argument("--variant-timeout-s", type=float, default=VARIANT_TIMEOUT_S)
     parser.add_argument("--profile", action="store_true", help="one more step under torch.profiler: GPU kernel time")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant in this process (the worker)
@@ -359,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_memory_gb": args.gpu_memory_gb, "lora": LORA, "runs": [],
     }
     worker = [sys.executable, "-m", "benchmarks.qlora", "--preset", args.preset, "--batch-size", str(args.batch_size),
-              "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--prefetch-depth", str(args.prefetch_depth)]
+              "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--prefetch-depth", str(args.prefetch_depth),
+              "--stream-cache-gb", str(args.stream_cache_gb)]
     if args.num_layers is not None:
         worker += ["--num-layers", str(args.num_layers)]
     if args.gpu_memory_gb is not None:
@@ -386,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             if "profile_kernel_s" in run:
                 print(f"{variant}: profiled step: {run['profile_kernels']:,} kernels, {run['profile_kernel_s']:.3f} s of kernels "
                       f"({run['profile_kernel_s'] / run['median_step_s']:.0%} of the median step), "
-                      f"{run['profile_copy_s']:.3f} s of copies", flush=True)
+                      f"{run['profile_copy_s']:.3f} s of copies; by group: "
+                      + ", ".join(f"{group} {seconds:.3f}" for group, seconds in run["profile_kernel_groups_s"].items()), flush=True)
             if "nf4_pinned_bytes" in run:
                 print(f"{variant}: NF4 in pinned CPU memory {run['nf4_pinned_bytes'] / 1e9:.2f} GB, streamed "
                       f"{run['streamed_bytes_per_step'] / 1e9:.1f} GB per step, GPU store peak "

@@ -147,6 +147,8 @@ class QuantConfig:
     (offload.prefetch_depth blocks ahead, under offload.gpu_memory_gb), every block is checkpointed and
     recomputed, the frozen embedding and head are kept in the compute dtype and the loss is taken in
     token chunks (quant/qlora_stream.py); for models whose 4-bit weights exceed the GPU.
+    `stream_cache_gb` (stream): GiB of GPU memory for frozen linears' outputs kept from the forward, so the
+    recompute skips their GEMMs, the most FLOPs saved per byte first (quant/output_cache.py); 0: none.
     """
 
     mode: str = "none"
@@ -158,6 +160,7 @@ class QuantConfig:
     optimizer_bits: int = 32
     save_merged: bool = False
     stream: bool = False
+    stream_cache_gb: float = 0.0
 
 
 @dataclass
@@ -254,6 +257,12 @@ class TrainConfig:
             raise ConfigError("train.compile needs device=cuda (Inductor on the CPU needs a C++ compiler and gains little); drop train.compile")
         if train.compile and quant.mode == "qlora":
             raise ConfigError("train.compile does not trace QLoRA's bitsandbytes layers; set train.compile=false with quant.mode=qlora")
+        if quant.stream_cache_gb < 0 or (quant.stream_cache_gb > 0 and not quant.stream):
+            raise ConfigError(f"quant.stream_cache_gb keeps outputs for streamed QLoRA's recompute: set it >= 0 with "
+                              f"quant.stream=true (got {quant.stream_cache_gb} with quant.stream={str(quant.stream).lower()})")
+        if offload.gpu_memory_gb is not None and quant.stream_cache_gb >= offload.gpu_memory_gb:
+            raise ConfigError(f"quant.stream_cache_gb={quant.stream_cache_gb:g} leaves nothing of offload.gpu_memory_gb="
+                              f"{offload.gpu_memory_gb:g} for the blocks in flight; lower it")
         if quant.stream and quant.mode != "qlora":
             raise ConfigError(f"quant.stream streams QLoRA's 4-bit blocks; set quant.mode=qlora or drop quant.stream (got quant.mode={quant.mode})")
         model = self.model

@@ -247,7 +247,7 @@ class Trainer:
         except torch.cuda.OutOfMemoryError:
             # runtime=fuyou always checkpoints per block; what it can still move off the GPU are the checkpoints.
             if self.config.quant.stream:
-                also = "lower offload.prefetch_depth"  # it already checkpoints every block
+                also = "lower quant.stream_cache_gb or offload.prefetch_depth"  # it already checkpoints every block
             elif self.config.runtime == "reference":
                 also = "set train.activation_checkpointing=true"
             else:
@@ -331,7 +331,7 @@ class Trainer:
                                          weight_decay=optimization["weight_decay"], optim_bits=quant.optimizer_bits)
             schedule = {key: optimization[key] for key in ("lr", "warmup_steps", "total_steps", "min_lr_ratio", "max_grad_norm", "precision")}
             return StreamedQLoRA(model, payloads, store, device=self.device, optimizer=optimizer,
-                                 prefetch_depth=offload.prefetch_depth, **schedule)
+                                 prefetch_depth=offload.prefetch_depth, cache_bytes=int(quant.stream_cache_gb * GiB), **schedule)
         except BaseException:
             store.close()
             raise

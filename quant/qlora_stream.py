@@ -14,13 +14,16 @@ One optimizer step, per micro-batch (after the Fuyou schedule, fuyou/schedule.py
     backward  prologue:  fetch L-1..L-d
               steady:    fetch j-d | recompute block_j from x_j with the saved RNG state (same LoRA dropout
                          masks), backprop: LoRA grads accumulate, dloss/dx_j | release j
+    With `quant.stream_cache_gb`, the forward also keeps chosen frozen linears' outputs (quant/output_cache.py)
+    and the recompute returns them instead of running those GEMMs.
     then clip, learning rate and bitsandbytes' paged AdamW over the LoRA parameters, as the reference.
 
-What stays on the compute device: the LoRA adapters (trainable, fp32), norms and biases (frozen), the
-frozen embedding and LM head in the compute dtype (bf16 on a GPU: half of the reference's fp32, 2.1 GB
+What stays on the compute device: the LoRA adapters (trainable, fp32), and in the compute dtype the
+frozen norms and biases, embedding and LM head (bf16 on a GPU: half of the reference's fp32, 2.1 GB
 instead of 4.2 GB each for LLaMA-3's 128K vocabulary), and the block checkpoints. The residual stream
-runs in that dtype too (x_0 is the bf16 embedding, as in a bf16 Hugging Face model; HF's
-`prepare_model_for_kbit_training` upcasts it to fp32), which halves the checkpoints. On the CPU the
+runs in that dtype too (x_0 is the bf16 embedding and the norms return bf16, as in a bf16 Hugging Face
+model; HF's `prepare_model_for_kbit_training` upcasts the norms, which makes the block outputs fp32),
+which halves the checkpoints and the MLP's activations. On the CPU the
 compute dtype is fp32, so there a streamed step equals the unstreamed one (tests/test_quant_qlora_stream.py).
 
 What is a library's and what is written here, and why:
@@ -62,6 +65,7 @@ from fuyou.models import Transformer
 from fuyou.reference import StepResult, optimizer_step
 from fuyou.schedule import WeightStream, head_loss_backward
 from offload import Tier, TieredStore
+from quant.output_cache import FrozenOutputCache
 from quant.qlora import (
     add_lora,
     check_lora_settings,
@@ -217,6 +221,12 @@ def build_streamed_qlora(model: Transformer, *, store: TieredStore, device: torc
         if id(piece) in blocks:
             j = blocks[id(piece)]
             quantize_linears_nf4(piece, compute_dtype=compute_dtype)
+            # The frozen norms (and biases) in the compute dtype too: an fp32 norm weight would promote the
+            # norm's output, and with it the linears' outputs (Linear4bit returns its input's dtype) and
+            # the residual stream, to fp32 (measured: block outputs fp32 from bf16 inputs).
+            for parameter in piece.parameters():
+                if parameter.dtype.is_floating_point:
+                    parameter.data = parameter.data.to(compute_dtype)
             payload = Nf4Payload(piece)
             store.put(payload_name(j), payload.pack(), Tier.CPU).result()
             payload.clear()
@@ -240,12 +250,14 @@ class StreamedQLoRA:
         precision: "fp32" or "bf16" (autocast around blocks and head; the loss in fp32).
         prefetch_depth: d, blocks fetched ahead of the one computing (0: fetch on demand).
         head_chunk_tokens: tokens per head and loss chunk.
+        cache_bytes: device memory for frozen linears' outputs kept from the forward, so the recompute
+            skips their GEMMs (quant/output_cache.py); 0 recomputes every block whole.
     """
 
     def __init__(self, model: peft.PeftModel, payloads: list[Nf4Payload], store: TieredStore, *, device: torch.device,
                  optimizer: torch.optim.Optimizer, lr: float, warmup_steps: int, total_steps: int,
                  min_lr_ratio: float = 0.1, max_grad_norm: float | None = None, precision: str = "fp32",
-                 prefetch_depth: int = 1, head_chunk_tokens: int = HEAD_CHUNK_TOKENS) -> None:
+                 prefetch_depth: int = 1, head_chunk_tokens: int = HEAD_CHUNK_TOKENS, cache_bytes: int = 0) -> None:
         assert precision in ("fp32", "bf16"), precision
         self.model, self.payloads, self.store, self.device = model, payloads, store, torch.device(device)
         self.base = model.get_base_model()
@@ -256,6 +268,9 @@ class StreamedQLoRA:
         self.compute_tier = Tier.GPU if self.device.type == "cuda" else Tier.CPU
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.nf4_bytes = sum(payload.num_bytes for payload in payloads)
+        compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.cache = FrozenOutputCache(self.base.blocks, budget_bytes=cache_bytes,
+                                       element_bytes=torch.empty((), dtype=compute_dtype).element_size())
         self.step_index = 0
 
     def autocast(self):
@@ -294,11 +309,15 @@ class StreamedQLoRA:
         for batch in micro_batches:
             input_ids_BS = batch.input_ids.to(self.device, non_blocking=True)
             labels_BS = batch.labels.to(self.device, non_blocking=True)
-            checkpoints, rng_states, x_BSD = self._forward(input_ids_BS)
-            micro_loss, grad_BSD = head_loss_backward(self.base.head, x_BSD, labels_BS, denominator,
-                                                      autocast=self.autocast, chunk_tokens=self.head_chunk_tokens)
-            del x_BSD
-            self._backward(checkpoints, rng_states, grad_BSD)
+            self.cache.plan_for(input_ids_BS.numel())
+            try:
+                checkpoints, rng_states, x_BSD = self._forward(input_ids_BS)
+                micro_loss, grad_BSD = head_loss_backward(self.base.head, x_BSD, labels_BS, denominator,
+                                                          autocast=self.autocast, chunk_tokens=self.head_chunk_tokens)
+                del x_BSD
+                self._backward(checkpoints, rng_states, grad_BSD)
+            finally:
+                self.cache.clear()  # taken by the recompute; only a failed step leaves outputs behind
             loss_sum += micro_loss
 
         result = optimizer_step(self.trainable, self.optimizer, max_grad_norm=self.max_grad_norm,
@@ -320,7 +339,7 @@ class StreamedQLoRA:
                 self.payloads[j].install(flat_u8)
                 checkpoints.append(x_BSD)
                 rng_states.append(self._rng_state())
-                with self.autocast():
+                with self.autocast(), self.cache.recording(j):
                     x_BSD = self.base.blocks[j](x_BSD)
                 weights.release(j, flat_u8)
         return checkpoints, rng_states, x_BSD
@@ -335,7 +354,7 @@ class StreamedQLoRA:
             self.payloads[j].install(flat_u8)
             # Block 0's input gradient would only reach the frozen embedding: not computed, as in the reference.
             x_in_BSD = checkpoints.pop().detach().requires_grad_(j > 0)
-            with torch.enable_grad(), self._restored_rng(rng_states[j]), self.autocast():
+            with torch.enable_grad(), self._restored_rng(rng_states[j]), self.autocast(), self.cache.replaying(j):
                 y_BSD = self.base.blocks[j](x_in_BSD)
             y_BSD.backward(grad_BSD)  # LoRA parameters' .grad accumulate over micro-batches
             grad_BSD = x_in_BSD.grad

@@ -170,3 +170,66 @@ def test_streamed_qlora_on_a_gpu_under_its_cap():
     finally:
         trainer.close()
         torch.cuda.set_per_process_memory_fraction(1.0)  # the store's cap outlives it in this process
+
+
+def count_nf4_matmuls(monkeypatch):
+    """Counts bitsandbytes' 4-bit matmuls (Linear4bit.forward looks `bnb.matmul_4bit` up at each call)."""
+    import bitsandbytes as bnb
+
+    calls = []
+    original = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    return calls
+
+
+DOWN_PROJ_OUTPUTS_BYTES = 2 * (2 * 64) * 128 * 4  # both blocks' down_proj outputs: 2 blocks x T tokens x D x fp32
+
+
+@pytest.mark.parametrize("cache_gb", [1.25 * DOWN_PROJ_OUTPUTS_BYTES / 2**30, 1.0])
+def test_kept_outputs_skip_recompute_gemms_and_change_nothing(monkeypatch, cache_gb):
+    """quant.stream_cache_gb: the recompute takes kept outputs instead of running their GEMMs; the losses and the
+    trained adapters are those of the plain streamed run (same GEMM, same input: the same values)."""
+    overrides = SHAPES["llama"] + ["quant.lora_dropout=0.1", "train.grad_accum=2"]
+    plain_trainer = make_trainer(overrides, stream=True)
+    calls = count_nf4_matmuls(monkeypatch)
+    plain = run_steps(plain_trainer, 3)
+    plain_calls, calls[:] = len(calls), []
+    cached_trainer = make_trainer(overrides + [f"quant.stream_cache_gb={cache_gb}"], stream=True)
+    cache = cached_trainer.runtime.cache
+    try:
+        cached = [cached_trainer.step().loss for _ in range(3)]
+        plan = cache.plan
+        blocks = cached_trainer.model.get_base_model().blocks
+        adapters = {name: p.detach().clone() for name, p in cached_trainer.model.named_parameters() if p.requires_grad}
+    finally:
+        cached_trainer.close()
+    micro_batches = 3 * 2
+    assert plan.chosen and plan.num_bytes <= cache_gb * 2**30
+    assert len(calls) == plain_calls - micro_batches * len(plan.chosen)  # one GEMM fewer per kept output
+    if cache_gb >= 1.0:  # room for every block linear of every block
+        assert len(plan.chosen) == len(blocks) * len(cache.linears[0])
+    else:  # down_proj first: the most recompute FLOPs per byte kept (in_features = the FFN size)
+        assert plan.chosen == {(j, "mlp.down_proj.base_layer") for j in range(len(blocks))}
+        assert plan.num_bytes == DOWN_PROJ_OUTPUTS_BYTES
+    assert cache.peak_bytes == plan.num_bytes and cache.kept_bytes == 0
+    for step, (ours, reference) in enumerate(zip(cached, plain, strict=True)):
+        assert abs(ours - reference) <= LOSS_RTOL * abs(reference), (step, cached, plain)
+    expected_trainer = make_trainer(overrides, stream=True)
+    try:
+        for _ in range(3):
+            expected_trainer.step()
+        for name, p in expected_trainer.model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(adapters[name], p.detach(), rtol=1e-5, atol=1e-7)
+    finally:
+        expected_trainer.close()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["quant.stream_cache_gb=1"], "quant.stream=true"),
+    (["quant.stream=true", "quant.stream_cache_gb=-1"], "quant.stream_cache_gb"),
+    (["quant.stream=true", "quant.stream_cache_gb=8", "offload.gpu_memory_gb=8"], "lower it"),
+])
+def test_stream_cache_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_yaml("configs/tiny.yaml", ["quant.mode=qlora", *overrides])
