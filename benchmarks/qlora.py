@@ -142,8 +142,10 @@ def time_steps(args, step) -> tuple[list[float], list[float], dict]:
         step([next(batches)])
     device_events = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
     copies = [e for e in device_events if e.name.startswith(("Memcpy", "Memset"))]
-    # "Optimizer.step#..." and the like are ranges the profiler annotates on the GPU timeline, not kernels.
-    kernels = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset")) and "#" not in e.name]
+    # "Optimizer.step#PagedAdamW.step" and the like are ranges the profiler annotates on the GPU timeline,
+    # not kernels (kernel names hold '#' too, in lambdas: "...::{lambda()#1}...", always with parentheses).
+    kernels = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))
+               and not ("#" in e.name and "(" not in e.name)]
     by_name: dict[str, float] = {}
     for event in kernels:
         by_name[event.name] = by_name.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e6

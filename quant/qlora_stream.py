@@ -56,6 +56,7 @@ from contextlib import nullcontext
 
 import bitsandbytes as bnb
 import peft
+from peft.helpers import disable_input_dtype_casting
 import torch
 from torch import nn
 
@@ -303,6 +304,12 @@ class StreamedQLoRA:
     def step(self, micro_batches: Sequence[Batch]) -> StepResult:
         """One optimizer step over `micro_batches` (gradient accumulation = their number)."""
         self.model.train()
+        # Under autocast the LoRA branch needs no input cast, yet peft (checking autocast without a device
+        # type) casts each LoRA input to the adapters' fp32 and drops it out in fp32 (measured on the GPU).
+        with disable_input_dtype_casting(self.model, active=self.precision == "bf16"):
+            return self._step(micro_batches)
+
+    def _step(self, micro_batches: Sequence[Batch]) -> StepResult:
         num_target_tokens = sum(batch.num_target_tokens for batch in micro_batches)
         denominator = max(1, num_target_tokens)
         loss_sum = torch.zeros((), device=self.device)
