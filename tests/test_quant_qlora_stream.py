@@ -147,12 +147,17 @@ def test_stream_settings_are_checked(overrides, words):
         TrainConfig.from_yaml("configs/tiny.yaml", overrides)
 
 
+GPU_TINY = ["device=cuda", "train.precision=bf16", "model.hidden_size=256", "model.intermediate_size=768",
+            "model.num_layers=4", "model.num_heads=4", "train.grad_accum=2", "train.lr=1e-3"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_streamed_qlora_on_a_gpu_under_its_cap():
-    """bf16 on CUDA: the embedding and head are bf16 here (fp32 unstreamed), so losses agree to bf16 rounding."""
-    gpu = ["device=cuda", "train.precision=bf16", "model.hidden_size=256", "model.intermediate_size=768",
-           "model.num_layers=4", "model.num_heads=4", "train.grad_accum=2"]
+    """bf16 on CUDA: the streamed model keeps its embedding, head, norms and residual stream in bf16 (fp32
+    unstreamed), so losses agree to bf16 rounding. At lr 1e-2 three steps amplified that rounding to 3.6%
+    (measured); at 1e-3 the steps still train and stay comparable."""
+    gpu = GPU_TINY
     expected = run_steps(make_trainer(SHAPES["llama"] + gpu, stream=False), 3)
     gc.collect()
     torch.cuda.empty_cache()  # the unstreamed model's memory, so the cap below counts only the streamed run
@@ -233,3 +238,17 @@ def test_kept_outputs_skip_recompute_gemms_and_change_nothing(monkeypatch, cache
 def test_stream_cache_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_yaml("configs/tiny.yaml", ["quant.mode=qlora", *overrides])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kept_outputs_change_nothing_in_bf16_on_a_gpu():
+    """On the GPU in bf16 the kept outputs are the recompute's own values (same kernel, same input), so the
+    losses match the plain streamed run's; and the plan keeps every block linear within 1 GiB here."""
+    plain = run_steps(make_trainer(SHAPES["llama"] + GPU_TINY, stream=True), 3)
+    trainer = make_trainer(SHAPES["llama"] + GPU_TINY + ["quant.stream_cache_gb=1"], stream=True)
+    cache = trainer.runtime.cache
+    cached = run_steps(trainer, 3)
+    assert len(cache.plan.chosen) == 4 * len(cache.linears[0]) and cache.peak_bytes == cache.plan.num_bytes
+    assert cache.plan.num_bytes == 4 * (2 * 64) * (256 + 2 * 128 + 256 + 2 * 768 + 256) * 2  # bf16 outputs
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-5, atol=0)
