@@ -64,7 +64,9 @@ class FrozenOutputCache:
         blocks: the model's blocks, their frozen linears bitsandbytes `Linear4bit` modules (possibly
             inside peft LoRA layers).
         budget_bytes: device memory for kept outputs; 0 keeps none.
-        element_bytes: e, bytes per output element (2 under bf16 compute, 4 in fp32).
+        element_bytes: e, bytes per output element the plan assumes (2 under bf16 compute, 4 in fp32).
+            An output that turns out larger (e.g. a LayerNorm's fp32 output under autocast feeding a
+            linear) is not kept once it would pass the budget: the budget binds either way.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], *, budget_bytes: int, element_bytes: int) -> None:
@@ -75,6 +77,7 @@ class FrozenOutputCache:
                         for block in blocks]
         self.plan = CachePlan(0, frozenset(), 0, 0)
         self._kept: dict[tuple[int, str], torch.Tensor] = {}
+        self.kept_bytes = 0
         self.peak_bytes = 0
 
     def plan_for(self, num_tokens: int) -> CachePlan:
@@ -111,13 +114,10 @@ class FrozenOutputCache:
         with _patched(self.linears[j], names, lambda name, module: _replayer(self, (j, name), module)):
             yield
 
-    @property
-    def kept_bytes(self) -> int:
-        return sum(y.nbytes for y in self._kept.values())
-
     def clear(self) -> None:
         """Drop every kept output (e.g. after a failed step)."""
         self._kept.clear()
+        self.kept_bytes = 0
 
 
 @contextlib.contextmanager
@@ -135,9 +135,11 @@ def _patched(linears: dict[str, nn.Module], names: list[str], make_forward) -> I
 def _recorder(cache: FrozenOutputCache, key: tuple[int, str], module: nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = type(module).forward(module, x)
-        # peft clones the base output before adding the LoRA branch, so nothing writes into y later.
-        cache._kept[key] = y
-        cache.peak_bytes = max(cache.peak_bytes, cache.kept_bytes)
+        if cache.kept_bytes + y.nbytes <= cache.budget_bytes:
+            # peft clones the base output before adding the LoRA branch, so nothing writes into y later.
+            cache._kept[key] = y
+            cache.kept_bytes += y.nbytes
+            cache.peak_bytes = max(cache.peak_bytes, cache.kept_bytes)
         return y
 
     return forward
@@ -145,7 +147,9 @@ def _recorder(cache: FrozenOutputCache, key: tuple[int, str], module: nn.Module)
 
 def _replayer(cache: FrozenOutputCache, key: tuple[int, str], module: nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return _KeptFrozenLinear.apply(x, cache._kept.pop(key), module)
+        y_kept = cache._kept.pop(key)
+        cache.kept_bytes -= y_kept.nbytes
+        return _KeptFrozenLinear.apply(x, y_kept, module)
 
     return forward
 

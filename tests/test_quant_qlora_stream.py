@@ -230,6 +230,22 @@ def test_kept_outputs_skip_recompute_gemms_and_change_nothing(monkeypatch, cache
         expected_trainer.close()
 
 
+def test_outputs_larger_than_planned_are_not_kept_past_the_budget():
+    """The plan assumes an element size (bf16 under autocast); outputs that come out larger (here fp32 on the
+    CPU, planned at 2 bytes) stop being kept where they would pass the budget, and the run is unchanged."""
+    overrides = SHAPES["llama"] + ["quant.lora_dropout=0.1"]
+    plain = run_steps(make_trainer(overrides, stream=True), 2)
+    budget_gb = 1.25 * DOWN_PROJ_OUTPUTS_BYTES / 2**30
+    trainer = make_trainer(overrides + [f"quant.stream_cache_gb={budget_gb}"], stream=True)
+    cache = trainer.runtime.cache
+    cache.element_bytes = 2  # the plan now expects half the bytes each output really has
+    cached = run_steps(trainer, 2)
+    assert cache.plan.num_bytes <= budget_gb * 2**30 < 2 * cache.plan.num_bytes  # planned as if all fit
+    assert 0 < cache.peak_bytes <= budget_gb * 2**30 < 2 * cache.plan.num_bytes
+    for ours, reference in zip(cached, plain, strict=True):
+        assert abs(ours - reference) <= LOSS_RTOL * abs(reference), (cached, plain)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["quant.stream_cache_gb=1"], "quant.stream=true"),
     (["quant.stream=true", "quant.stream_cache_gb=-1"], "quant.stream_cache_gb"),
