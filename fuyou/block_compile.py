@@ -45,7 +45,8 @@ class CompiledBlock:
     """A block function compiled with torch.compile; a compiler failure becomes a one-line `FuyouError`.
 
     Args:
-        function: (x_BSD, ...) -> y_BSD, pure in its arguments.
+        function: (x_BSD, ...) -> y_BSD, pure in its arguments (keyword flags such as `output_unused`
+            are constants to dynamo: one graph per value).
     """
 
     def __init__(self, function: Callable[..., torch.Tensor]) -> None:
@@ -54,9 +55,9 @@ class CompiledBlock:
         self.function = function
         self._compiled = torch.compile(function, backend=BACKEND, dynamic=False, fullgraph=True)
 
-    def __call__(self, *args) -> torch.Tensor:
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
         try:
-            return self._compiled(*args)
+            return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:  # tracing or the backend failed, not the kernels
             first_line = (str(error).strip().splitlines() or [""])[0][:300]
             raise FuyouError(
@@ -75,13 +76,14 @@ def flat_block_function(template: nn.Module, layouts: Sequence) -> CompiledBlock
     Returns:
         A callable taking x_BSD and one flat tensor per layout (the block's streamed weights, e.g. bf16
         matrices and fp32 vectors), returning the block's output; differentiable in all of them.
+        `output_unused=True` (the backward's recompute) skips the last linear's GEMM (Block.forward).
     """
 
-    def run_block(x_BSD: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
+    def run_block(x_BSD: torch.Tensor, *parts: torch.Tensor, output_unused: bool = False) -> torch.Tensor:
         views = {}
         for layout, part in zip(layouts, parts):
             views.update(layout.views(part))
-        return functional_call(template, views, (x_BSD,))
+        return functional_call(template, views, (x_BSD,), {"output_unused": output_unused})
 
     return CompiledBlock(run_block)
 

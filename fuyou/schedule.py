@@ -10,7 +10,8 @@ One optimizer step, after the Fuyou paper (arXiv 2403.06504, sections 4.2-4.4):
                   steady:    load weights j+d | save x_j (swap out) | x_{j+1} = block_j(x_j) | free weights j
                   epilogue:  logits = head(x_L); loss; dloss/dx_L
         backward  prologue:  load weights L-1..L-d and x_{L-1}
-                  steady:    load weights j-d | load x_{j-1} | recompute block_j from x_j, backprop |
+                  steady:    load weights j-d | load x_{j-1} | recompute block_j from x_j (all but its
+                             last GEMM, whose output backprop never reads: Block.forward), backprop |
                              free weights j | gradient of j -> CPU, accumulated; on the last k the CPU
                              optimizer updates block j while the device goes on with block j-1
                   epilogue:  backprop through embed; embedding/head gradients -> CPU, their update
@@ -168,11 +169,13 @@ class FuyouSchedule:
     def _stream(self, order: Sequence[int]) -> WeightStream:
         return WeightStream(order, self.weights.fetch, self.weights.release, self.depth)
 
-    def _block(self, j: int, parts: list[torch.Tensor], x_BSD: torch.Tensor) -> torch.Tensor:
+    def _block(self, j: int, parts: list[torch.Tensor], x_BSD: torch.Tensor, *, output_unused: bool = False) -> torch.Tensor:
+        """Block j on x_BSD with its streamed weights; `output_unused`: only for backprop (Block.forward)."""
         with self.autocast():
             if self.compiled_block is not None:
-                return self.compiled_block(x_BSD, *parts)
-            return functional_call(self.model.blocks[j], self.weights.views(j, parts), (x_BSD,))
+                return self.compiled_block(x_BSD, *parts, output_unused=output_unused)
+            return functional_call(self.model.blocks[j], self.weights.views(j, parts), (x_BSD,),
+                                   {"output_unused": output_unused})
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -255,7 +258,8 @@ class FuyouSchedule:
             x_leaf_BSD = x_in_BSD.detach().requires_grad_()
             leaves = [part.detach().requires_grad_() for part in parts]
             with torch.enable_grad(), self._span("backward", j):
-                y_BSD = self._block(j, leaves, x_leaf_BSD)
+                # y's values are never read, only differentiated: the last linear's GEMM is skipped
+                y_BSD = self._block(j, leaves, x_leaf_BSD, output_unused=True)
                 grad_in_BSD, *grad_parts = torch.autograd.grad(y_BSD, [x_leaf_BSD, *leaves], grad_BSD)
             del y_BSD, leaves, x_leaf_BSD
             weights.release(j, parts)

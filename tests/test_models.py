@@ -148,6 +148,37 @@ def test_block_is_a_pure_function_of_its_input():
     torch.testing.assert_close(block(x_BSD[:, :4]), first[:, :4])
 
 
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_output_unused_skips_the_last_gemm_and_leaves_every_gradient_unchanged(name, autocast):
+    """Block.forward(output_unused=True): the down projection's forward GEMM is not run (2·T·F·D FLOPs
+    fewer, counted by torch's FLOP counter over forward and backward), and the input and parameter
+    gradients are bitwise those of the plain forward, in fp32 and under bf16 autocast."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = get_preset(name)
+    block = build_model(config, seed=0).blocks[1]
+    generator = torch.Generator().manual_seed(3)
+    B, S, D = 2, 12, config.hidden_size
+    x_BSD = torch.randn(B, S, D, generator=generator)
+    grad_BSD = torch.randn(B, S, D, generator=generator)
+    results = {}
+    for unused in (False, True):
+        block.zero_grad()
+        x_leaf = x_BSD.clone().requires_grad_()
+        with FlopCounterMode(display=False) as flops, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y_BSD = block(x_leaf, output_unused=unused)
+            y_BSD.backward(grad_BSD.to(y_BSD.dtype))
+        results[unused] = (flops.get_total_flops(), x_leaf.grad, {n: p.grad.clone() for n, p in block.named_parameters()})
+    (flops_plain, dx_plain, grads_plain), (flops_unused, dx_unused, grads_unused) = results[False], results[True]
+    assert flops_plain - flops_unused == 2 * B * S * config.ffn_size * D
+    torch.testing.assert_close(dx_unused, dx_plain, rtol=0, atol=0)
+    assert grads_unused.keys() == grads_plain.keys()
+    for key in grads_plain:
+        assert grads_unused[key].dtype == grads_plain[key].dtype, key
+        torch.testing.assert_close(grads_unused[key], grads_plain[key], rtol=0, atol=0, msg=key)
+
+
 def test_tied_head_reuses_the_embedding_and_trains_it_from_both_ends():
     model = build_model(get_preset("tiny-gpt3"), seed=0)
     assert model.lm_head is None

@@ -209,3 +209,48 @@ def test_steps_leave_no_tensors_behind(tmp_path):
         gc.enable()
         runtime.close()
     assert max(counts[3:]) <= counts[2] + 30, counts
+
+
+class MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
+    """2·m·n·k summed over the matmuls dispatched on this thread (torch's FlopCounterMode installs module
+    hooks that autograd.grad on leaves, as the runtime's backward calls it, does not support)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        aten = torch.ops.aten
+        if func in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default):
+            a, b = args[-2:] if func in (aten.addmm.default, aten.baddbmm.default) else args[:2]
+            self.total += 2 * a.numel() * b.shape[-1]
+        return out
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt3", "tiny-llama"])
+def test_the_recompute_skips_each_blocks_last_gemm(preset, tmp_path):
+    """A runtime step executes the reference's matmul FLOPs (forward + backward, no checkpointing) plus one
+    more forward of the blocks, minus every block's down-projection GEMM: backprop never reads a recomputed
+    block's output (Block.forward's output_unused)."""
+    config = get_preset(preset)
+    model = build_model(config, seed=0)
+    batches = step_data(config.vocab_size, 1, steps=1)[0]
+    reference = ReferenceTrainer(copy.deepcopy(model), max_grad_norm=None, **SCHEDULE)
+    runtime = FuyouRuntime(copy.deepcopy(model), max_grad_norm=None, ssd_dir=str(tmp_path), **SCHEDULE)
+    try:
+        with MatmulFlops() as reference_flops:
+            expected = reference.step(batches)
+        with MatmulFlops() as runtime_flops:
+            got = runtime.step(batches)
+    finally:
+        runtime.close()
+    assert got.loss == pytest.approx(expected.loss, rel=1e-5)
+    x_BSD = torch.randn(*batches[0].input_ids.shape, config.hidden_size)
+    with MatmulFlops() as block_flops, torch.no_grad():
+        for block in model.blocks:
+            block(x_BSD)
+    T = batches[0].input_ids.numel()
+    last_gemms = config.num_layers * 2 * T * config.ffn_size * config.hidden_size
+    assert block_flops.total > last_gemms > 0
+    assert runtime_flops.total == reference_flops.total + block_flops.total - last_gemms
