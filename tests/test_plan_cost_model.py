@@ -39,12 +39,17 @@ def test_megatron_formula_by_hand_and_against_hardware_flops():
     one = get_preset("tiny-gpt3").replace(num_layers=1, hidden_size=4, num_heads=1, vocab_size=1)
     # 24 c B S L D^2 (1 + S/6D + V/16LD), B=1 S=2 L=1 D=4 V=1, c=4
     assert cost_model.megatron_flops(one, 1, 2) == pytest.approx(24 * 4 * 2 * 16 * (1 + 2 / 24 + 1 / 64))
-    # With every block recomputed, the GPU executes exactly what Megatron's formula counts (GPT, F = 4D).
+    # With every block recomputed whole, the GPU executes exactly what Megatron's formula counts (GPT, F = 4D);
+    # the runtime's recompute skips each block's down projection, 2·T·F·D fewer per block and micro-batch.
     model = get_preset("gpt3-13b")
-    plan = Plan(params="cpu", optimizer="ssd", activations="cpu", micro_batch_size=4, grad_accum=2, seq_len=1024)
+    plan = Plan(params="cpu", optimizer="ssd", activations="cpu", micro_batch_size=4, grad_accum=2, seq_len=1024,
+                recompute_last_linear=True)
     prediction = predict(model, plan, TESTBED)
     assert prediction.hardware_flops == pytest.approx(prediction.megatron_flops, rel=1e-12)
     assert prediction.model_flops == 6 * model.num_parameters() * 8 * 1024
+    skipping = predict(model, plan.replace(recompute_last_linear=False), TESTBED)
+    last_gemms = 2 * model.num_layers * 2 * (4 * 1024) * model.ffn_size * model.hidden_size
+    assert prediction.hardware_flops - skipping.hardware_flops == pytest.approx(last_gemms, rel=1e-12)
 
 
 def test_leg_times_by_hand():
@@ -67,9 +72,10 @@ def test_step_by_hand_with_one_block():
     hw = ROUND.replace(gpu_tflops=1e-6)  # 1 MFLOP/s: compute dominates every stage
     p = predict(model, plan, hw)
     block = cost_model.block_forward_flops(model, 2, 8).forward
+    down_proj = 2 * 16 * 512 * 128  # 2 T F D: the recompute skips it
     head = 2 * 16 * 128 * 512
     assert p.forward_s == pytest.approx(block / 1e6)
-    assert p.backward_s == pytest.approx(3 * block / 1e6)  # backward 2x forward + recompute 1x
+    assert p.backward_s == pytest.approx((3 * block - down_proj) / 1e6)  # backward 2x forward + recompute
     assert p.head_s == pytest.approx(3 * head / 1e6)
     P_b = model.num_block_parameters()
     assert p.prologue_s == pytest.approx(2 * P_b / 1e9)  # first block's bf16 weights over 1 GB/s
@@ -93,8 +99,9 @@ def test_swapping_internals_removes_recompute():
     base = Plan("cpu", "cpu", "cpu", micro_batch_size=4, grad_accum=1, seq_len=512)
     full = predict(model, base, TESTBED)
     swapped = predict(model, base.replace(swapped_attention_blocks=24, swapped_mlp_blocks=24), TESTBED)
-    fwd = cost_model.block_forward_flops(model, 4, 512).forward
-    assert full.hardware_flops - swapped.hardware_flops == pytest.approx(24 * fwd)
+    flops = cost_model.block_forward_flops(model, 4, 512)
+    fwd, down_proj = flops.forward, flops.last_linear
+    assert full.hardware_flops - swapped.hardware_flops == pytest.approx(24 * (fwd - down_proj))  # skipped in both
     assert swapped.cpu_peak_bytes > full.cpu_peak_bytes
     none = predict(model, base.replace(activations="none"), TESTBED)
     assert none.hardware_flops - full.hardware_flops == pytest.approx(24 * 23 / 2 * fwd)  # x_j rebuilt from x_0

@@ -21,7 +21,8 @@ def test_picks_a_feasible_plan_within_the_caps():
     p = choose_plan(get_preset("gpt3-13b"), TESTBED, batch_size=32, seq_len=1024, gpu_memory_gb=24)
     assert p.gpu_peak_bytes <= 24 * GiB and p.cpu_peak_bytes <= TESTBED.cpu_memory_gb * GiB
     assert p.plan.batch_size == 32 and p.plan.params != "gpu"  # 26 GB of bf16 weights cannot stay on a 24 GB GPU
-    assert 100 < p.megatron_tflops <= TESTBED.gpu_tflops
+    # Megatron's count credits a whole recompute, which the runtime trims: only executed FLOPs meet the peak
+    assert 100 < p.hardware_tflops <= TESTBED.gpu_tflops < p.megatron_tflops
 
 
 def test_fixed_placements_are_respected_and_tight_ram_moves_state_to_ssd():
@@ -69,7 +70,7 @@ def test_fuyou_plan_json_on_the_13b_config(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["feasible"] is True
     assert 5 < out["iteration_s"] < 60  # 32 x 1024 tokens of 13B: about 20 s at ~160 TFLOPS
-    assert 80 < out["tflops"] < 165 and out["megatron_tflops"] <= 165.2 + 1e-6
+    assert 80 < out["tflops"] < 165 and out["hardware_tflops"] <= 165.2 + 1e-6
     assert out["peak_gib"]["gpu"] <= 24 and out["plan"]["batch_size"] == 32
     # after a clipped step the updates overlap the (shorter) forward instead of the backward: never faster
     assert out["iteration_s_after_clip"] >= out["iteration_s"] - 1e-9

@@ -49,7 +49,10 @@ reads one group's state ahead while it writes another's behind); without it, r /
 (they take turns: an upper bound).
 
 FLOP conventions (three, all reported; a multiply-add is 2 FLOPs):
-    hardware FLOPs  what the GPU executes: forward + backward (2 x forward) + recompute + head.
+    hardware FLOPs  what the GPU executes: forward + backward (2 x forward) + recompute + head. The
+                    recompute skips each block's down projection (its output is never read), unless
+                    the plan says otherwise (`recompute_last_linear`: whole-block checkpointing, as
+                    torch's and DeepSpeed's, and the Megatron count below).
                     Matmuls 2*T*(matmul weights); attention scores and values 4*B*S^2*H*E (the full
                     S x S square, as Megatron counts it, although causal kernels skip about half).
     model FLOPs     6 * N * tokens, the project's `model_tflops` metric (README): no recompute, no
@@ -104,6 +107,7 @@ class BlockFlops:
 
     attention: float  # 2T(qkv + o weights) + 4 B S^2 H E
     mlp: float  # 2T(MLP weights)
+    last_linear: float = 0.0  # 2T F D, the down projection (part of `mlp`): the runtime's recompute skips it
 
     @property
     def forward(self) -> float:
@@ -125,7 +129,26 @@ def block_forward_flops(model: TransformerConfig, micro_batch_size: int, seq_len
     T = micro_batch_size * seq_len
     attention_params, mlp_params = block_matmul_params(model)
     quadratic = 4 * micro_batch_size * seq_len * seq_len * model.num_heads * model.head_dim
-    return BlockFlops(attention=2 * T * attention_params + quadratic, mlp=2 * T * mlp_params)
+    return BlockFlops(attention=2 * T * attention_params + quadratic, mlp=2 * T * mlp_params,
+                      last_linear=2 * T * model.ffn_size * model.hidden_size)
+
+
+def block_recompute_flops(model: TransformerConfig, plan: Plan, j: int) -> float:
+    """Block j's forward redone in backward: the forward minus its swapped halves and, unless
+    `plan.recompute_last_linear`, minus the down projection, whose output backprop never reads (the
+    runtime skips it: fuyou.models.transformer, `output_unused`). With activations "none", x_j is first
+    rebuilt from x_0 through blocks 0..j-1, whose outputs are read: j whole forwards more."""
+    flops = block_forward_flops(model, plan.micro_batch_size, plan.seq_len)
+    recompute = flops.forward
+    if j < plan.swapped_attention_blocks:
+        recompute -= flops.attention
+    if j < plan.swapped_mlp_blocks:
+        recompute -= flops.mlp
+    elif not plan.recompute_last_linear:
+        recompute -= flops.last_linear
+    if plan.activations == "none":
+        recompute += j * flops.forward
+    return recompute
 
 
 def head_forward_flops(model: TransformerConfig, tokens: int) -> float:
@@ -134,16 +157,8 @@ def head_forward_flops(model: TransformerConfig, tokens: int) -> float:
 
 
 def recompute_flops_per_micro_batch(model: TransformerConfig, plan: Plan) -> float:
-    """Forward work redone in backward, all blocks, one micro-batch.
-
-    Checkpointed blocks recompute their forward from x_j, minus the halves whose internals were swapped.
-    With activations "none" block j also recomputes x_j from x_0: blocks 0..j-1 again, sum_j j = L(L-1)/2.
-    """
-    flops = block_forward_flops(model, plan.micro_batch_size, plan.seq_len)
-    L = model.num_layers
-    if plan.activations == "none":
-        return L * flops.forward + L * (L - 1) / 2 * flops.forward
-    return L * flops.forward - plan.swapped_attention_blocks * flops.attention - plan.swapped_mlp_blocks * flops.mlp
+    """Forward work redone in backward, all blocks, one micro-batch (`block_recompute_flops` summed)."""
+    return sum(block_recompute_flops(model, plan, j) for j in range(model.num_layers))
 
 
 def megatron_flops(model: TransformerConfig, batch_size: int, seq_len: int, checkpointing: bool = True) -> float:
@@ -319,13 +334,7 @@ def backward_block_legs(model: TransformerConfig, plan: Plan, size: Sizes, j: in
     """
     flops = block_forward_flops(model, plan.micro_batch_size, plan.seq_len)
     L = model.num_layers
-    recompute = flops.forward
-    if j < plan.swapped_attention_blocks:
-        recompute -= flops.attention
-    if j < plan.swapped_mlp_blocks:
-        recompute -= flops.mlp
-    if plan.activations == "none":
-        recompute += j * flops.forward  # x_j rebuilt from x_0
+    recompute = block_recompute_flops(model, plan, j)
     swapped_internals = _swapped_internals_bytes(plan, size, j)
     checkpoint_in = size.checkpoint_bytes if plan.swaps_checkpoints else 0
     legs = Legs(

@@ -132,6 +132,8 @@ def choose_plan(
     optimizer_cpu_blocks: int | None = None,
     precision: str = "bf16",
     swap_internals: bool = False,
+    recompute_last_linear: bool = False,
+    split_optimizer: bool = True,
     search_batch: bool = False,
     gradient_ring: int = 0,
     clipping: bool = True,
@@ -149,6 +151,9 @@ def choose_plan(
             or None to choose one.
         precision: "bf16" or "fp32".
         swap_internals: also swap block internals (Fuyou's policy; the runtime does not do this yet).
+        recompute_last_linear: price whole-block recompute (other systems; `Plan.recompute_last_linear`).
+        split_optimizer: with optimizer "ssd" and no split given, also price splits of the state between
+            RAM and the SSD; False keeps all of it on the SSD (as Fuyou runs it).
         search_batch: choose the step's batch too (powers of two up to `batch_size`).
         gradient_ring, clipping: the config's offload.gradient_ring and whether train.max_grad_norm clips;
             a candidate of one micro-batch without clipping rings its gradients (`gradient_ring_buffers`).
@@ -172,14 +177,15 @@ def choose_plan(
     leanest: tuple[int, list[Shortfall], Plan, int] | None = None
     for batch in batches:
         candidates = []
-        for base in _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision, optimizer_cpu_blocks):
+        for base in _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision,
+                                optimizer_cpu_blocks, recompute_last_linear):
             ring = cost_model.gradient_ring_buffers(gradient_ring, base.grad_accum, clipping)
             fitting: list[Plan] = []
             for depth in depths:
                 # each group of alternatives is tried in order, the first that fits taken: all on the SSD;
                 # then the split with the most blocks in RAM that fits
                 for alternatives in _optimizer_splits(base.replace(prefetch_depth=depth), model.num_layers,
-                                                      fixed=optimizer_cpu_blocks is not None):
+                                                      fixed=optimizer_cpu_blocks is not None or not split_optimizer):
                     for plan in alternatives:
                         short = shortfalls(memory_of(model, plan, hardware, ring), caps)
                         if not short:
@@ -220,7 +226,8 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision, optimizer_cpu_blocks):
+def _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision, optimizer_cpu_blocks,
+                recompute_last_linear):
     for p in [params] if params else ("gpu", "cpu", "ssd"):
         for o in [optimizer] if optimizer else ("cpu", "ssd"):
             for a in [activations] if activations else ("gpu", "cpu", "ssd"):
@@ -228,7 +235,8 @@ def _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size
                     if batch % micro == 0:
                         yield Plan(params=p, optimizer=o, activations=a, micro_batch_size=micro,
                                    grad_accum=batch // micro, seq_len=seq_len, precision=precision,
-                                   optimizer_cpu_blocks=optimizer_cpu_blocks)
+                                   optimizer_cpu_blocks=optimizer_cpu_blocks,
+                                   recompute_last_linear=recompute_last_linear)
 
 
 def _optimizer_splits(plan: Plan, num_layers: int, fixed: bool) -> list[list[Plan]]:

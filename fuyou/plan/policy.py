@@ -48,6 +48,9 @@ class Plan:
         optimizer_cpu_blocks: with optimizer "ssd", K: blocks 0..K-1 and the outer group keep their
             optimizer state in CPU RAM (module docstring); None: all of it on the SSD. At most L, which
             only the cost model knows (it checks).
+        recompute_last_linear: the recompute runs each block whole, its last GEMM included (torch's and
+            DeepSpeed's activation checkpointing: to price other systems); False: runtime=fuyou's,
+            which skips the down projection whose output backprop never reads.
     """
 
     params: str
@@ -62,6 +65,7 @@ class Plan:
     swapped_mlp_blocks: int = 0
     internals_tier: str = "cpu"
     optimizer_cpu_blocks: int | None = None
+    recompute_last_linear: bool = False
 
     def __post_init__(self) -> None:
         for key, choices in (("params", PARAM_TIERS), ("optimizer", OPTIMIZER_TIERS),
