@@ -265,6 +265,7 @@ def run_stream(args) -> dict:
         "stream_cache_gb": args.stream_cache_gb,
         "cache_plan": {"linears": len(trainer.cache.plan.chosen), "bytes": trainer.cache.plan.num_bytes,
                        "recompute_flops_saved_per_micro_batch": trainer.cache.plan.flops_saved,
+                       "recompute_flops_skipped_per_micro_batch": trainer.cache.plan.skipped_flops,
                        "peak_bytes": trainer.cache.peak_bytes},
     }
     trainer.close()

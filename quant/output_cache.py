@@ -8,11 +8,14 @@ x), and what the recompute needs from it is its output y. Keeping y from the for
 return it instead of running the GEMM; everything else in the block (norms, attention, activation
 function, LoRA branches, dropout with the restored RNG) is still recomputed.
 
+One output needs no keeping: the block's last linear (`mlp.down_proj`) feeds only the residual add, and
+backprop never reads the recompute's output, so its recompute always returns an uninitialised tensor of
+the output's shape (`CachePlan.skipped_flops`, no bytes; as runtime=fuyou's `Block.forward(output_unused)`).
+
 Which outputs, within a budget. A linear with I inputs and O outputs saves 2·I·O FLOPs per token for O·e
-bytes kept (e: bytes per element of its output): 2·I/e FLOPs per byte, so the ranking is by I. In a
-LLaMA block that puts down_proj (I = ffn size) first, then qkv_proj, o_proj and gate_up_proj (I = hidden
-size), the same recompute-saved-per-byte rule Fuyou ranks activations by (fuyou/plan). The budget is
-filled greedily: the best-ranked linear in every block, then the next, until the next output would not
+bytes kept (e: bytes per element of its output): 2·I/e FLOPs per byte, so the ranking is by I, the same
+recompute-saved-per-byte rule Fuyou ranks activations by (fuyou/plan). In a LLaMA block the rest all have
+I = hidden size, so they keep module order: qkv_proj, o_proj, gate_up_proj. The budget is filled greedily: the best-ranked linear in every block, then the next, until the next output would not
 fit. Ties keep block order, so blocks 0, 1, ... get the next kind first; any blocks would do, each costs
 the same bytes.
 
@@ -36,6 +39,8 @@ import torch
 from bitsandbytes.functional import dequantize_4bit
 from torch import nn
 
+from fuyou.models.transformer import LAST_LINEAR
+
 
 @dataclass(frozen=True)
 class CachePlan:
@@ -46,12 +51,15 @@ class CachePlan:
         chosen: (block index j, module name) pairs whose output is kept.
         num_bytes: the kept outputs' bytes, T·O·e summed over `chosen`.
         flops_saved: recompute FLOPs skipped per micro-batch, 2·T·I·O summed over `chosen`.
+        skipped_flops: recompute FLOPs skipped per micro-batch without keeping anything (every block's
+            last linear).
     """
 
     num_tokens: int
     chosen: frozenset[tuple[int, str]]
     num_bytes: int
     flops_saved: int
+    skipped_flops: int = 0
 
 
 class FrozenOutputCache:
@@ -75,6 +83,9 @@ class FrozenOutputCache:
         # Per block: name -> Linear4bit, in the block's module order.
         self.linears = [{name: module for name, module in block.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
                         for block in blocks]
+        # The last linear's name here (under peft: "mlp.down_proj.base_layer").
+        self.last = [name for name in self.linears[0] if name.startswith(LAST_LINEAR)]
+        assert len(self.last) == 1, f"no single {LAST_LINEAR} among {list(self.linears[0])}"
         self.plan = CachePlan(0, frozenset(), 0, 0)
         self._kept: dict[tuple[int, str], torch.Tensor] = {}
         self.kept_bytes = 0
@@ -86,7 +97,9 @@ class FrozenOutputCache:
             return self.plan
         # (O, I) from the module: its quantization state is only there while the block is installed.
         shapes = {name: (module.out_features, module.in_features) for name, module in self.linears[0].items()}
-        ranked = sorted(shapes, key=lambda name: -shapes[name][1])  # stable: equal I keep module order
+        out_features, in_features = shapes[self.last[0]]
+        skipped = len(self.linears) * 2 * num_tokens * in_features * out_features
+        ranked = sorted(set(shapes) - set(self.last), key=lambda name: (-shapes[name][1], list(shapes).index(name)))
         chosen, used_bytes, flops = set(), 0, 0
         for name in ranked:
             out_features, in_features = shapes[name]
@@ -97,7 +110,7 @@ class FrozenOutputCache:
                 chosen.add((j, name))
                 used_bytes += num_bytes
                 flops += 2 * num_tokens * in_features * out_features
-        self.plan = CachePlan(num_tokens, frozenset(chosen), used_bytes, flops)
+        self.plan = CachePlan(num_tokens, frozenset(chosen), used_bytes, flops, skipped)
         return self.plan
 
     @contextlib.contextmanager
@@ -109,9 +122,14 @@ class FrozenOutputCache:
 
     @contextlib.contextmanager
     def replaying(self, j: int) -> Iterator[None]:
-        """Block j's recompute: its chosen linears return their kept outputs, their GEMMs skipped."""
-        names = [name for name in self.linears[j] if (j, name) in self._kept]
-        with _patched(self.linears[j], names, lambda name, module: _replayer(self, (j, name), module)):
+        """Block j's recompute, only differentiated: its chosen linears return their kept outputs and its
+        last linear an uninitialised one, their GEMMs skipped."""
+        names = [name for name in self.linears[j] if (j, name) in self._kept or name in self.last]
+
+        def make_forward(name: str, module: nn.Module):
+            return _skipper(module) if name in self.last else _replayer(self, (j, name), module)
+
+        with _patched(self.linears[j], names, make_forward):
             yield
 
     def clear(self) -> None:
@@ -150,6 +168,14 @@ def _replayer(cache: FrozenOutputCache, key: tuple[int, str], module: nn.Module)
         y_kept = cache._kept.pop(key)
         cache.kept_bytes -= y_kept.nbytes
         return _KeptFrozenLinear.apply(x, y_kept, module)
+
+    return forward
+
+
+def _skipper(module: nn.Module):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # Linear4bit returns its input's dtype; the values are never read (module docstring).
+        return _KeptFrozenLinear.apply(x, x.new_empty((*x.shape[:-1], module.out_features)), module)
 
     return forward
 
