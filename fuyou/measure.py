@@ -11,9 +11,12 @@ Definitions:
     model_tflops        6 N tokens / seconds (fuyou.metrics.model_tflops; no recompute).
     hardware_tflops     what the device executes: 6 N per token plus 2 x (block parameters recomputed)
                         per token: every block once when blocks are checkpointed (runtime=fuyou always;
-                        reference with train.activation_checkpointing), plus L(L-1)/2 block forwards
-                        more with offload.activations=none (x_j rebuilt from x_0, see fuyou.schedule).
-                        Embedding and head are not recomputed. Attention's quadratic term is ignored.
+                        reference with train.activation_checkpointing), less each block's down
+                        projection where the recompute skips it (runtime=fuyou and streamed QLoRA: its
+                        output is never read, fuyou.models.transformer), plus L(L-1)/2 whole block
+                        forwards more with offload.activations=none (x_j rebuilt from x_0, see
+                        fuyou.schedule). Embedding and head are not recomputed. Attention's quadratic
+                        term is ignored.
     utilisation         hardware_tflops / the hardware profile's `gpu_tflops` (its dense bf16 GEMM rate;
                         on a CPU profile, the CPU's matmul rate); null without a profile of this device.
     peak GPU bytes      torch's max_memory_allocated / max_memory_reserved, and the most NVML saw in use
@@ -46,13 +49,15 @@ NO_GPU = "no NVIDIA GPU"
 
 
 def flops_per_token(num_parameters: int, block_parameters: int, num_layers: int, *, runtime: str,
-                    activations: str | None, activation_checkpointing: bool) -> float:
-    """Hardware FLOPs per input token (module docstring): 6 N plus recomputed block forwards."""
+                    activations: str | None, activation_checkpointing: bool, skipped_parameters: int = 0) -> float:
+    """Hardware FLOPs per input token (module docstring): 6 N plus recomputed block forwards, each less
+    `skipped_parameters` (a block's down projection, F·D, where the recompute skips it; 0 where not)."""
     if runtime == "fuyou":
-        recomputed_blocks = num_layers + (num_layers * (num_layers - 1) / 2 if activations == "none" else 0)
+        checkpointed = num_layers
+        rebuilt = num_layers * (num_layers - 1) / 2 if activations == "none" else 0
     else:
-        recomputed_blocks = num_layers if activation_checkpointing else 0
-    return 6.0 * num_parameters + 2.0 * block_parameters * recomputed_blocks
+        checkpointed, rebuilt = (num_layers if activation_checkpointing else 0), 0
+    return 6.0 * num_parameters + 2.0 * ((block_parameters - skipped_parameters) * checkpointed + block_parameters * rebuilt)
 
 
 @dataclass

@@ -277,10 +277,12 @@ class Trainer:
         """A `Meter` (not started) for this run's device, model, runtime and hardware profile."""
         model, train = self.model_config, self.config.train
         placement = self.runtime.placement if isinstance(self.runtime, FuyouRuntime) else None
+        skips_last_linear = self.config.runtime == "fuyou" or self.config.quant.stream  # their recomputes skip it
         per_token = flops_per_token(
             self.num_parameters, model.num_block_parameters(), model.num_layers, runtime=self.config.runtime,
             activations=placement.activations if placement else None,
             activation_checkpointing=train.activation_checkpointing or self.config.quant.stream,  # streamed QLoRA recomputes
+            skipped_parameters=model.ffn_size * model.hidden_size if skips_last_linear else 0,
         )
         hardware = self.hardware
         peak = hardware.gpu_tflops if hardware is not None and hardware.compute_device == self.device.type else None

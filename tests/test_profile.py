@@ -56,8 +56,8 @@ def test_fuyou_ssd_profile_files_are_complete_and_consistent(tmp_path, capsys):
     assert m["tokens_per_s"] == pytest.approx(m["tokens"] / m["seconds"])
     assert m["s_per_10k_tokens"] == pytest.approx(1e4 / m["tokens_per_s"])
     assert m["model_tflops"] == pytest.approx(6 * N * m["tokens"] / m["seconds"] / 1e12)
-    # runtime=fuyou recomputes every block's forward once (checkpointed inputs on the CPU)
-    per_token = 6 * N + 2 * model.num_layers * model.num_block_parameters()
+    # runtime=fuyou recomputes every block's forward once (checkpointed inputs on the CPU), all but its down projection
+    per_token = 6 * N + 2 * model.num_layers * (model.num_block_parameters() - model.ffn_size * model.hidden_size)
     assert m["hardware_flops_per_token"] == per_token
     assert m["hardware_tflops"] == pytest.approx(per_token * m["tokens"] / m["seconds"] / 1e12)
     assert m["utilisation"] is None and m["pinned_peak_bytes"] > 0 and m["peak_cpu_rss_bytes"] > 0
@@ -106,6 +106,10 @@ def test_hardware_flops_count_the_recomputed_inputs():
     assert flops_per_token(N, block, L, runtime="reference", activations=None, **common) == 6 * N
     assert flops_per_token(N, block, L, runtime="reference", activations=None, activation_checkpointing=True) == 6 * N + 2 * L * block
     assert flops_per_token(N, block, L, runtime="fuyou", activations="none", **common) == 6 * N + 2 * block * (L + L * (L - 1) / 2)
+    # runtime=fuyou's recompute skips each block's down projection; the rebuilt inputs run whole blocks
+    assert flops_per_token(N, block, L, runtime="fuyou", activations="none", skipped_parameters=30, **common) == (
+        6 * N + 2 * (block - 30) * L + 2 * block * L * (L - 1) / 2)
+    assert flops_per_token(N, block, L, runtime="fuyou", activations="cpu", skipped_parameters=30, **common) == 6 * N + 2 * (block - 30) * L
 
 
 def test_a_sweep_is_one_row_per_value_and_its_plots(tmp_path, capsys):
