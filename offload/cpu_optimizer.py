@@ -83,12 +83,14 @@ class AdamWKernel:
     Args:
         kernel: "torch" or "deepspeed".
         betas, eps: AdamW's.
+        fold_clip: torch's kernel only: apply a clip factor through the kernel's own `grad_scale` (True)
+            or as a separate pass over the gradient first (False); see `step`.
     """
 
-    def __init__(self, kernel: str = "torch", *, betas: tuple[float, float], eps: float) -> None:
+    def __init__(self, kernel: str = "torch", *, betas: tuple[float, float], eps: float, fold_clip: bool = True) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"unknown CPU AdamW kernel {kernel!r}; use one of {', '.join(KERNELS)}")
-        self.kernel, self.betas, self.eps = kernel, betas, eps
+        self.kernel, self.betas, self.eps, self.fold_clip = kernel, betas, eps, fold_clip
         self._deepspeed = None
         if kernel == "deepspeed":
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT build on first use (minutes)
@@ -105,8 +107,9 @@ class AdamWKernel:
         (its `grad_scale`, which divides: 1 / clip), saving a pass over the gradient.
         """
         beta1, beta2 = self.betas
-        if clip != 1.0 and self._deepspeed is not None:
+        if clip != 1.0 and (self._deepspeed is not None or not self.fold_clip):
             grad.mul_(clip)
+            clip = 1.0
         if self._deepspeed is not None:
             self._deepspeed.ds_opt_adam.adam_update(
                 self._deepspeed.opt_id, step, lr, beta1, beta2, self.eps, weight_decay, True,

@@ -107,3 +107,23 @@ def test_groups_on_different_tiers_with_a_gradient_ring_and_three_state_buffers(
             param.grad = step_grads[key]
             reference.step()
         torch.testing.assert_close(result[key], param.detach(), rtol=0, atol=1e-6)  # values up to ~4: one ulp
+
+
+def test_a_clip_folded_into_the_kernel_equals_a_separate_pass():
+    """AdamWKernel(fold_clip=True) hands torch's kernel 1/clip as grad_scale; fold_clip=False scales the gradient
+    first. Same update either way (the probe times both: benchmarks/diag/adam_clip.py)."""
+    from offload.cpu_optimizer import AdamWKernel
+
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(1000, generator=generator) for _ in range(3)]
+    grad = torch.randn(1000, generator=generator)
+    results = []
+    for fold in (True, False):
+        master, exp_avg, exp_avg_sq = (t.clone() for t in start)
+        exp_avg_sq.abs_()
+        kernel = AdamWKernel("torch", betas=(0.9, 0.95), eps=1e-8, fold_clip=fold)
+        kernel.step(master, grad.clone(), exp_avg, exp_avg_sq, step=3, lr=1e-2, weight_decay=0.1, clip=0.3)
+        results.append((master, exp_avg, exp_avg_sq))
+    for folded, separate in zip(*results):
+        torch.testing.assert_close(folded, separate, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(results[0][0], start[0])

@@ -210,3 +210,19 @@ def test_the_cpu_worker_is_priced_at_its_rates_under_load_where_measured():
     assert leg_times(legs, loaded).optimizer_s == pytest.approx(2 / 0.8 + 6 / 2.0)
     with pytest.raises(ConfigError, match="cpu_adam_loaded_gparams_per_s"):
         ROUND.replace(cpu_adam_loaded_gparams_per_s=0.0)
+    # a clipped update's AdamW at the clipped rate where measured, else at the unclipped one
+    assert leg_times(legs, loaded, clipped=True).optimizer_s == pytest.approx(2 / 0.8 + 6 / 2.0)
+    clipped = loaded.replace(cpu_adam_clipped_loaded_gparams_per_s=0.5)
+    assert leg_times(legs, clipped).optimizer_s == pytest.approx(2 / 0.8 + 6 / 2.0)
+    assert leg_times(legs, clipped, clipped=True).optimizer_s == pytest.approx(2 / 0.5 + 6 / 2.0)
+
+
+def test_deferred_updates_are_priced_at_the_clipped_adamw_rate():
+    """Deferred updates belong to clipped steps, whose AdamW folds the clip factor in (a slower kernel)."""
+    model = get_preset("gpt3-1.3b")
+    plan = Plan("cpu", "cpu", "cpu", micro_batch_size=1, grad_accum=1, seq_len=512)
+    slow_cpu = TESTBED.replace(cpu_adam_gparams_per_s=0.05)
+    clipped_slower = slow_cpu.replace(cpu_adam_clipped_loaded_gparams_per_s=0.025)
+    assert predict(model, plan, clipped_slower).iteration_s == pytest.approx(predict(model, plan, slow_cpu).iteration_s)
+    deferred, deferred_slower = (predict(model, plan, hw, deferred_updates=True) for hw in (slow_cpu, clipped_slower))
+    assert deferred_slower.optimizer_busy_s == pytest.approx(2 * deferred.optimizer_busy_s, rel=0.05)

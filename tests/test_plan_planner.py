@@ -99,8 +99,10 @@ def test_fuyou_probe_quick_writes_a_loadable_profile(tmp_path, capsys):
         assert profile.gpu_fp8_tflops == 0 and "no CUDA GPU" in profile.source
         # the worker's rates under the runtime's load need a GPU to make that load
         assert profile.cpu_adam_loaded_gparams_per_s is None and profile.cpu_memory_loaded_gbps is None
+        assert profile.cpu_adam_clipped_loaded_gparams_per_s is None
     else:
         assert profile.cpu_adam_loaded_gparams_per_s > 0 and profile.cpu_memory_loaded_gbps > 0
+        assert profile.cpu_adam_clipped_loaded_gparams_per_s > 0
     # and the planner runs on what it measured (a tiny model: this CPU machine cannot hold much more)
     assert main(["plan", "--config", str(ROOT / "configs" / "tiny.yaml"), "--hardware", str(output), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["feasible"] is True

@@ -31,7 +31,8 @@ Deferred updates (`deferred_updates=True`): when the previous step clipped, the 
 an update before the step's global gradient norm is known, so every update runs after backward, in
 forward order, and the next forward of block j waits for block j's update (fuyou/schedule.py). Then
 the CPU leg moves from the backward stages to the forward stages (forward block j || update j+1), and
-the epilogue adds the outer group's and block 0's updates, which nothing hides.
+the epilogue adds the outer group's and block 0's updates, which nothing hides. Their AdamW applies
+the clip factor, priced at the probe's clipped rate where measured.
 
 The CPU worker (one thread, torch's kernels use the cores) does, per block and step:
     AdamW                      P_b / adam rate
@@ -272,8 +273,8 @@ class LegTimes:
         return max(times, key=times.get)
 
 
-def leg_times(legs: Legs, hardware: HardwareProfile) -> LegTimes:
-    """Seconds each resource needs for `legs`.
+def leg_times(legs: Legs, hardware: HardwareProfile, clipped: bool = False) -> LegTimes:
+    """Seconds each resource needs for `legs` (`clipped`: its AdamW applies a clip factor).
 
     compute  flops / (gpu_tflops x block_efficiency)
     PCIe     max(H2D / h2d, D2H / d2h, (H2D + D2H) / duplex): directions are separate lanes, but a
@@ -282,7 +283,8 @@ def leg_times(legs: Legs, hardware: HardwareProfile) -> LegTimes:
              each rate with the count; reads and writes share the drives, and the measured duplex rate
              says how well they overlap. No duplex rate: read / array read + write / array write
     CPU      params / AdamW rate + other passes' bytes / CPU memory rate (one worker: they add), both
-             under the runtime's load where the probe measured that
+             under the runtime's load where the probe measured that; a clipped update's AdamW at the
+             clipped rate (torch folds the factor into its kernel, which runs slower)
     """
     h2d_s, d2h_s = legs.h2d_bytes / (hardware.h2d_gbps * 1e9), legs.d2h_bytes / (hardware.d2h_gbps * 1e9)
     pcie_s = max(h2d_s, d2h_s)
@@ -297,11 +299,12 @@ def leg_times(legs: Legs, hardware: HardwareProfile) -> LegTimes:
         ssd_s = (read_s + write_s if duplex_gbps is None
                  else max(read_s, write_s, (legs.ssd_read_bytes + legs.ssd_write_bytes) / (duplex_gbps * 1e9)))
     pass_gbps = hardware.worker_memory_gbps
+    adam_gparams_per_s = hardware.worker_clipped_adam_gparams_per_s if clipped else hardware.worker_adam_gparams_per_s
     return LegTimes(
         compute_s=legs.compute_flops / (hardware.block_tflops * 1e12),
         pcie_s=pcie_s,
         ssd_s=ssd_s,
-        optimizer_s=legs.optimizer_params / (hardware.worker_adam_gparams_per_s * 1e9)
+        optimizer_s=legs.optimizer_params / (adam_gparams_per_s * 1e9)
         + (legs.cpu_bytes / (pass_gbps * 1e9) if pass_gbps else 0.0),
         h2d_s=h2d_s,
         d2h_s=d2h_s,
@@ -479,8 +482,8 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, *, 
     timed: dict[Legs, LegTimes] = {}  # most blocks cost the same: price each distinct stage once
 
     def times(legs: Legs) -> LegTimes:
-        if legs not in timed:
-            timed[legs] = leg_times(legs, hardware)
+        if legs not in timed:  # deferred updates are those of clipped steps: the clip folded into AdamW
+            timed[legs] = leg_times(legs, hardware, clipped=deferred_updates)
         return timed[legs]
 
     # Deferred: the first micro-batch's forward of block j overlaps block j+1's update (block 0's is in
@@ -508,14 +511,15 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, *, 
         on_ssd=plan.optimizer_tier(None) == "ssd",
     )
     block_0 = out(A - 1, 0) + (updates[0] if deferred_updates else Legs())
-    epilogue_s = leg_times(block_0, hardware).serial_s + leg_times(outer, hardware).serial_s
+    epilogue_s = (leg_times(block_0, hardware, clipped=deferred_updates).serial_s
+                  + leg_times(outer, hardware, clipped=deferred_updates).serial_s)
 
     iteration_s = prologue_s + forward_s + head_s + backward_s + epilogue_s
 
     # what each resource does in the whole step, overlapped or not (the breakdown)
     total = sum([legs.scaled(A) for legs in forward_legs + compute_legs], Legs())
     total = total + sum([grad.scaled(L) for grad in grads], Legs()) + sum(updates, Legs()) + outer + first_load.scaled(A)
-    total_times = leg_times(total, hardware)
+    total_times = leg_times(total, hardware, clipped=deferred_updates)
     hardware_flops = total.compute_flops + A * head_flops
 
     gpu, cpu, ssd = peak_memory(model, plan, size, reserved_bytes=reserved_bytes(hardware), gradient_ring=gradient_ring)

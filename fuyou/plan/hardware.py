@@ -54,6 +54,10 @@ class HardwareProfile:
             computes and pinned copies stream both ways over PCIe (DMA and the optimizer share the
             DRAM; the copies' and the GPU's host threads share the cores). The cost model prices the
             worker at these where given; None: at the rates measured alone.
+        cpu_adam_clipped_loaded_gparams_per_s: AdamW under that load with a clip factor, which torch's
+            kernel folds in as its `grad_scale` (measured 9% slower than without on the H100 host:
+            benchmarks/diag/adam_clip.py). Updates of a clipped step (deferred ones) are priced at it;
+            None: at the unclipped rate.
         ssd_duplex_gbps: one drive's bytes per second read + written when reads and writes are in
             flight at once (the optimizer reads one group's state ahead while it writes another's
             behind). The cost model takes a drive's time for r bytes read and w written as
@@ -82,6 +86,7 @@ class HardwareProfile:
     cpu_adam_loaded_gparams_per_s: float | None = None
     cpu_memory_loaded_gbps: float | None = None
     ssd_duplex_gbps: float | None = None
+    cpu_adam_clipped_loaded_gparams_per_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.compute_device not in COMPUTE_DEVICES:
@@ -100,7 +105,7 @@ class HardwareProfile:
         if self.block_efficiency is not None and not 0 < self.block_efficiency <= 1:
             raise ConfigError(f"hardware.block_efficiency must be in (0, 1] or null, got {self.block_efficiency}")
         for key in ("pcie_duplex_gbps", "ssd_capacity_gb", "cpu_memory_gbps", "cpu_adam_loaded_gparams_per_s",
-                    "cpu_memory_loaded_gbps", "ssd_duplex_gbps"):
+                    "cpu_memory_loaded_gbps", "ssd_duplex_gbps", "cpu_adam_clipped_loaded_gparams_per_s"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ConfigError(f"hardware.{key} must be > 0 or null, got {value}")
@@ -116,6 +121,11 @@ class HardwareProfile:
     def worker_adam_gparams_per_s(self) -> float:
         """The CPU AdamW rate the optimizer worker is priced at: under the runtime's load where measured."""
         return self.cpu_adam_loaded_gparams_per_s or self.cpu_adam_gparams_per_s
+
+    @property
+    def worker_clipped_adam_gparams_per_s(self) -> float:
+        """The worker's AdamW rate when the step clips (the clip folded into the kernel), where measured."""
+        return self.cpu_adam_clipped_loaded_gparams_per_s or self.worker_adam_gparams_per_s
 
     @property
     def worker_memory_gbps(self) -> float | None:

@@ -22,7 +22,8 @@ runs it in seconds, at the price of rates well below the hardware's):
                H2D and D2H on their own streams, waited on with blocking-sync events as
                offload.streams does -> `cpu_adam_loaded_gparams_per_s`,
                `cpu_memory_loaded_gbps`. DMA and AdamW share the DRAM (AdamW moves ~28 B/param), and
-               the copies' threads share the cores with torch's intra-op threads.
+               the copies' threads share the cores with torch's intra-op threads. AdamW once more with
+               a clip factor (0.5), as a clipped step's updates run it -> `cpu_adam_clipped_loaded_gparams_per_s`.
     SSD        O_DIRECT writes then reads of a 4 GiB file (quick 32 MiB) under `ssd_dir` through
                offload's `PosixBackend` (the store's own I/O path: 8 MiB pieces, 8 threads); then the
                optimizer's pattern, one 512 MiB group read ahead while another is written behind, over
@@ -177,9 +178,9 @@ def adam_gparams_per_s(num_params: int, repeats: int) -> tuple[float, str]:
     return num_params / _timed(optimizer.step, repeats) / 1e9, kind
 
 
-def cpu_rates_under_load(quick: bool, num_groups: int = 4) -> tuple[float, float]:
+def cpu_rates_under_load(quick: bool, num_groups: int = 4, *, clip: float = 1.0, fold_clip: bool = True) -> tuple[float, float]:
     """(AdamW Gparam/s, cast pass GB/s read + written) on the optimizer worker's data while the GPU and
-    PCIe are busy (module docstring). CUDA only."""
+    PCIe are busy (module docstring). CUDA only. `clip`, `fold_clip`: as `AdamWKernel.step` takes them."""
     group_params, repeats = ((1 << 20), 2) if quick else ((64 << 20), 5)
     from offload.cpu_optimizer import AdamWKernel
     from offload.pinned import PinnedPool
@@ -193,13 +194,13 @@ def cpu_rates_under_load(quick: bool, num_groups: int = 4) -> tuple[float, float
     states = [pinned(3 * group_params, torch.float32).fill_(0.5).view(3, group_params) for _ in range(num_groups)]
     grads = [pinned(group_params, torch.float32).normal_() for _ in range(num_groups)]
     weights = [pinned(group_params, torch.bfloat16) for _ in range(num_groups)]
-    kernel = AdamWKernel("torch", betas=(0.9, 0.95), eps=1e-8)
+    kernel = AdamWKernel("torch", betas=(0.9, 0.95), eps=1e-8, fold_clip=fold_clip)
     adam_steps = iter(range(1, 1 << 30))
 
     def adamw() -> None:
         step = next(adam_steps)
         for state, grad in zip(states, grads):
-            kernel.step(state[0], grad, state[1], state[2], step=step, lr=1e-4, weight_decay=0.1)
+            kernel.step(state[0], grad, state[1], state[2], step=step, lr=1e-4, weight_decay=0.1, clip=clip)
 
     def cast() -> None:  # the worker's publish: updated fp32 masters into the bf16 weights' home
         for state, weight in zip(states, weights):
@@ -358,12 +359,14 @@ def probe(ssd_dir: str | None = None, *, quick: bool = False, log=print) -> Hard
     adam, kind = adam_gparams_per_s((2 << 20) if quick else (256 << 20), 2 if quick else 5)
     notes.append(f"CPU AdamW: torch {kind}, {torch.get_num_threads()} threads")
     log(f"CPU AdamW ({kind}): {adam:.2f} Gparam/s")
-    adam_loaded = pass_loaded = None
+    adam_loaded = pass_loaded = adam_clipped = None
     if cuda:
         adam_loaded, pass_loaded = cpu_rates_under_load(quick)
-        notes.append("CPU under load: AdamWKernel and the fp32 -> bf16 cast on pinned 4-group states while the "
-                     "block workload and both PCIe directions run")
-        log(f"CPU under the runtime's load: AdamW {adam_loaded:.2f} Gparam/s, cast pass {pass_loaded:.1f} GB/s")
+        adam_clipped, _ = cpu_rates_under_load(quick, clip=0.5)
+        notes.append("CPU under load: AdamWKernel (with and without a clip factor) and the fp32 -> bf16 cast on "
+                     "pinned 4-group states while the block workload and both PCIe directions run")
+        log(f"CPU under the runtime's load: AdamW {adam_loaded:.2f} Gparam/s ({adam_clipped:.2f} clipped), "
+            f"cast pass {pass_loaded:.1f} GB/s")
     try:
         write, read, duplex_ssd, direct = ssd_gbps(ssd_dir, (32 * MiB) if quick else 4 * GiB,
                                                    group_bytes=(8 * MiB) if quick else 512 * MiB)
@@ -393,6 +396,7 @@ def probe(ssd_dir: str | None = None, *, quick: bool = False, log=print) -> Hard
         cpu_memory_gbps=cpu_pass,
         cpu_adam_loaded_gparams_per_s=adam_loaded,
         cpu_memory_loaded_gbps=pass_loaded,
+        cpu_adam_clipped_loaded_gparams_per_s=adam_clipped,
         ssd_duplex_gbps=duplex_ssd,
         source="; ".join(notes),
     )
