@@ -277,7 +277,8 @@ class Trainer:
         """A `Meter` (not started) for this run's device, model, runtime and hardware profile."""
         model, train = self.model_config, self.config.train
         placement = self.runtime.placement if isinstance(self.runtime, FuyouRuntime) else None
-        skips_last_linear = self.config.runtime == "fuyou" or self.config.quant.stream  # their recomputes skip it
+        # their recomputes skip each block's down projection, a plain nn.Linear's (HALO's FP8 linear runs whole)
+        skips_last_linear = (self.config.runtime == "fuyou" and self.config.quant.mode != "halo") or self.config.quant.stream
         per_token = flops_per_token(
             self.num_parameters, model.num_block_parameters(), model.num_layers, runtime=self.config.runtime,
             activations=placement.activations if placement else None,
