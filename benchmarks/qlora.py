@@ -2,7 +2,7 @@
 
     python -m benchmarks.qlora [--preset llama3-8b] [--batch-size 1] [--seq-len 2048] [--steps 6]
                                [--variants hf ours ours-ckpt ours-stream] [--num-layers N] [--gpu-memory-gb G]
-                               [--prefetch-depth D] [--stream-cache-gb G] [--profile] [--json PATH]
+                               [--prefetch-depth D] [--stream-cache-gb G] [--compile] [--profile] [--json PATH]
     python -m benchmarks.qlora --preset llama3-70b --variants ours-stream --gpu-memory-gb 24 --batch-size 2
 
 Both start from random weights (no downloads) and train LoRA rank 16 (alpha 32, dropout 0.05) on every
@@ -27,6 +27,8 @@ paged AdamW 8-bit, on the same synthetic batches, under bf16 autocast, and compu
                store; blocks fetched `--prefetch-depth` ahead in forward and backward, every block
                checkpointed and recomputed, embedding and head frozen in bf16, loss in 1024-token chunks.
                The GPU cap (--gpu-memory-gb) is the store's and binds from before the build.
+    --compile  our variants with train.compile=true (fuyou.block_compile: each block through one
+               torch.compile graph; the first step compiles, and is among the steps left out of tokens/s).
 
 Each variant runs in its own process, so its peak memory is its own. Reported: tokens/s over the steps
 after the first two, torch's peak allocated and reserved GPU bytes during the steps (bitsandbytes' paged
@@ -70,6 +72,8 @@ def ours_overrides(args, checkpointing: bool, stream: bool = False) -> list[str]
         f"quant.lora_alpha={LORA['alpha']}", f"quant.lora_dropout={LORA['dropout']}",
         f"train.activation_checkpointing={str(checkpointing).lower()}",
     ]
+    if args.compile:
+        overrides.append("train.compile=true")
     if stream:
         overrides += ["quant.stream=true", f"offload.prefetch_depth={args.prefetch_depth}"]
         if args.stream_cache_gb:
@@ -166,6 +170,7 @@ KERNEL_GROUPS = [  # (group, name fragments), first match wins: bitsandbytes' ke
     ("nf4 (bitsandbytes)", ("dequantize", "4bit", "kQuantize", "kDequant")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "s16816", "wgmma")),
+    ("fused (Inductor)", ("triton_",)),
     ("reduction", ("reduce", "norm", "softmax", "cross_entropy", "nll_loss")),
 ]
 
@@ -194,7 +199,7 @@ def run_ours(args, checkpointing: bool) -> dict:
     optimizer = make_paged_adamw(model, lr=2e-4, weight_decay=0.1, optim_bits=8)
     trainer = ReferenceTrainer(model, lr=2e-4, warmup_steps=0, total_steps=args.steps, weight_decay=0.1,
                                max_grad_norm=1.0, precision="bf16", activation_checkpointing=checkpointing,
-                               optimizer=optimizer)
+                               optimizer=optimizer, compile_blocks=args.compile)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - build_start_s
     if args.gpu_memory_gb is not None:
@@ -237,7 +242,7 @@ def run_stream(args) -> dict:
     optimizer = make_paged_adamw(model, lr=2e-4, weight_decay=0.1, optim_bits=8)
     trainer = StreamedQLoRA(model, payloads, store, device=device, optimizer=optimizer, lr=2e-4, warmup_steps=0,
                             total_steps=args.steps, max_grad_norm=1.0, precision="bf16", prefetch_depth=args.prefetch_depth,
-                            cache_bytes=int(args.stream_cache_gb * GiB))
+                            cache_bytes=int(args.stream_cache_gb * GiB), compile_blocks=args.compile)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - build_start_s
     build_peak_allocated_bytes = torch.cuda.max_memory_allocated()
@@ -380,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-cache-gb", type=float, default=0.0,
                         help="ours-stream: GiB of frozen linears' outputs kept for the recompute (quant.stream_cache_gb)")
     parser.add_argument("--variant-timeout-s", type=float, default=VARIANT_TIMEOUT_S)
+    parser.add_argument("--compile", action="store_true", help="our variants with train.compile=true (not hf)")
     parser.add_argument("--profile", action="store_true", help="one more step under torch.profiler: GPU kernel time")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant in this process (the worker)
     parser.add_argument("--json", type=Path, default=None)
@@ -395,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "qlora", "date": datetime.date.today().isoformat(), "device": _device_name(), "commit": _commit(),
         "command": shlex.join(["python", "-m", "benchmarks.qlora", *(argv if argv is not None else sys.argv[1:])]),
         "preset": args.preset, "num_layers": args.num_layers, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "gpu_memory_gb": args.gpu_memory_gb, "lora": LORA, "runs": [],
+        "gpu_memory_gb": args.gpu_memory_gb, "compile": args.compile, "lora": LORA, "runs": [],
     }
     worker = [sys.executable, "-m", "benchmarks.qlora", "--preset", args.preset, "--batch-size", str(args.batch_size),
               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--prefetch-depth", str(args.prefetch_depth),
@@ -406,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         worker += ["--gpu-memory-gb", str(args.gpu_memory_gb)]
     if args.profile:
         worker.append("--profile")
+    if args.compile:
+        worker.append("--compile")
     for variant in args.variants:
         try:
             completed = subprocess.run([*worker, "--variant", variant], check=False, capture_output=True, text=True,

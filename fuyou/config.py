@@ -85,7 +85,8 @@ class TrainSection:
 
     `compile`: run every transformer block's forward and backward through one torch.compile graph
     (Inductor fuses the norms, activations, residual adds and casts between the GEMMs; both runtimes,
-    with or without activation checkpointing; fuyou.block_compile). CUDA only; the first step also
+    with or without activation checkpointing, HALO's quantizers and QLoRA's LoRA branches included;
+    fuyou.block_compile). CUDA only; the first step also
     compiles (tens of seconds for a large block). If the compiler fails, the run stops with an error
     naming train.compile=false.
     """
@@ -255,8 +256,6 @@ class TrainConfig:
             raise ConfigError("quant.mode=qlora runs on runtime=reference; quant.stream=true streams its 4-bit blocks from CPU memory")
         if train.compile and self.device == "cpu":
             raise ConfigError("train.compile needs device=cuda (Inductor on the CPU needs a C++ compiler and gains little); drop train.compile")
-        if train.compile and quant.mode == "qlora":
-            raise ConfigError("train.compile does not trace QLoRA's bitsandbytes layers; set train.compile=false with quant.mode=qlora")
         if quant.stream_cache_gb < 0 or (quant.stream_cache_gb > 0 and not quant.stream):
             raise ConfigError(f"quant.stream_cache_gb keeps outputs for streamed QLoRA's recompute: set it >= 0 with "
                               f"quant.stream=true (got {quant.stream_cache_gb} with quant.stream={str(quant.stream).lower()})")

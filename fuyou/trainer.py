@@ -334,7 +334,8 @@ class Trainer:
                                          weight_decay=optimization["weight_decay"], optim_bits=quant.optimizer_bits)
             schedule = {key: optimization[key] for key in ("lr", "warmup_steps", "total_steps", "min_lr_ratio", "max_grad_norm", "precision")}
             return StreamedQLoRA(model, payloads, store, device=self.device, optimizer=optimizer,
-                                 prefetch_depth=offload.prefetch_depth, cache_bytes=int(quant.stream_cache_gb * GiB), **schedule)
+                                 prefetch_depth=offload.prefetch_depth, cache_bytes=int(quant.stream_cache_gb * GiB),
+                                 compile_blocks=config.train.compile, **schedule)
         except BaseException:
             store.close()
             raise

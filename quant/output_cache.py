@@ -115,19 +115,34 @@ class FrozenOutputCache:
 
     @contextlib.contextmanager
     def recording(self, j: int) -> Iterator[None]:
-        """Block j's forward: its chosen linears run as usual and their outputs are kept."""
+        """Block j's forward: its chosen linears run as usual and their outputs are kept.
+
+        Each output is caught in its own slot while the block runs and kept, in module order, when the
+        block is done if it still fits the budget. So the patched forwards read and write no counters: a
+        block compiled whole (`train.compile`) traces them without guarding on the bytes kept so far,
+        which differ per block and would recompile the graph for each.
+        """
         names = [name for name in self.linears[j] if (j, name) in self.plan.chosen]
-        with _patched(self.linears[j], names, lambda name, module: _recorder(self, (j, name), module)):
+        slots: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        with _patched(self.linears[j], names, lambda name, module: _recorder(slots[name], module)):
             yield
+        for name in names:
+            for y in slots[name]:  # one output per forward; a module called twice would keep the first
+                if (j, name) not in self._kept and self.kept_bytes + y.nbytes <= self.budget_bytes:
+                    self._kept[(j, name)] = y
+                    self.kept_bytes += y.nbytes
+        self.peak_bytes = max(self.peak_bytes, self.kept_bytes)
 
     @contextlib.contextmanager
     def replaying(self, j: int) -> Iterator[None]:
         """Block j's recompute, only differentiated: its chosen linears return their kept outputs and its
-        last linear an uninitialised one, their GEMMs skipped."""
-        names = [name for name in self.linears[j] if (j, name) in self._kept or name in self.last]
+        last linear an uninitialised one, their GEMMs skipped. The kept outputs leave the cache here."""
+        kept = {name: self._kept.pop((j, name)) for name in self.linears[j] if (j, name) in self._kept}
+        self.kept_bytes -= sum(y.nbytes for y in kept.values())
+        names = [name for name in self.linears[j] if name in kept or name in self.last]
 
         def make_forward(name: str, module: nn.Module):
-            return _skipper(module) if name in self.last else _replayer(self, (j, name), module)
+            return _skipper(module) if name in self.last else _replayer(kept.pop(name), module)
 
         with _patched(self.linears[j], names, make_forward):
             yield
@@ -150,23 +165,17 @@ def _patched(linears: dict[str, nn.Module], names: list[str], make_forward) -> I
             linears[name].__dict__.pop("forward", None)
 
 
-def _recorder(cache: FrozenOutputCache, key: tuple[int, str], module: nn.Module):
+def _recorder(slot: list[torch.Tensor], module: nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = type(module).forward(module, x)
-        if cache.kept_bytes + y.nbytes <= cache.budget_bytes:
-            # peft clones the base output before adding the LoRA branch, so nothing writes into y later.
-            cache._kept[key] = y
-            cache.kept_bytes += y.nbytes
-            cache.peak_bytes = max(cache.peak_bytes, cache.kept_bytes)
+        slot.append(y)  # peft clones the base output before adding the LoRA branch: nothing writes into y later
         return y
 
     return forward
 
 
-def _replayer(cache: FrozenOutputCache, key: tuple[int, str], module: nn.Module):
+def _replayer(y_kept: torch.Tensor, module: nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        y_kept = cache._kept.pop(key)
-        cache.kept_bytes -= y_kept.nbytes
         return _KeptFrozenLinear.apply(x, y_kept, module)
 
     return forward

@@ -60,6 +60,7 @@ from peft.helpers import disable_input_dtype_casting
 import torch
 from torch import nn
 
+from fuyou.block_compile import module_block_function
 from fuyou.data import Batch
 from fuyou.lr_schedule import lr_at_step
 from fuyou.models import Transformer
@@ -253,12 +254,19 @@ class StreamedQLoRA:
         head_chunk_tokens: tokens per head and loss chunk.
         cache_bytes: device memory for frozen linears' outputs kept from the forward, so the recompute
             skips their GEMMs (quant/output_cache.py); 0 recomputes every block whole.
+        compile_blocks: run each block's forward, and its recompute with its backward, through one
+            torch.compile'd function (`train.compile`, fuyou.block_compile): Inductor fuses the LoRA
+            branches' scale and add, dropout, peft's clone, the norms, SiLU and the residual adds, which
+            run as separate memory-bound kernels otherwise; bitsandbytes' 4-bit matmul is traced through
+            its registered ops. Compiled dropout draws its masks from the same RNG state, so the restored
+            state gives the recompute the forward's masks (they differ from eager dropout's).
     """
 
     def __init__(self, model: peft.PeftModel, payloads: list[Nf4Payload], store: TieredStore, *, device: torch.device,
                  optimizer: torch.optim.Optimizer, lr: float, warmup_steps: int, total_steps: int,
                  min_lr_ratio: float = 0.1, max_grad_norm: float | None = None, precision: str = "fp32",
-                 prefetch_depth: int = 1, head_chunk_tokens: int = HEAD_CHUNK_TOKENS, cache_bytes: int = 0) -> None:
+                 prefetch_depth: int = 1, head_chunk_tokens: int = HEAD_CHUNK_TOKENS, cache_bytes: int = 0,
+                 compile_blocks: bool = False) -> None:
         assert precision in ("fp32", "bf16"), precision
         self.model, self.payloads, self.store, self.device = model, payloads, store, torch.device(device)
         self.base = model.get_base_model()
@@ -272,6 +280,7 @@ class StreamedQLoRA:
         compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.cache = FrozenOutputCache(self.base.blocks, budget_bytes=cache_bytes,
                                        element_bytes=torch.empty((), dtype=compute_dtype).element_size())
+        self.compiled_block = module_block_function() if compile_blocks else None
         self.step_index = 0
 
     def autocast(self):
@@ -347,7 +356,7 @@ class StreamedQLoRA:
                 checkpoints.append(x_BSD)
                 rng_states.append(self._rng_state())
                 with self.autocast(), self.cache.recording(j):
-                    x_BSD = self.base.blocks[j](x_BSD)
+                    x_BSD = self._block(j, x_BSD)
                 weights.release(j, flat_u8)
         return checkpoints, rng_states, x_BSD
 
@@ -362,11 +371,15 @@ class StreamedQLoRA:
             # Block 0's input gradient would only reach the frozen embedding: not computed, as in the reference.
             x_in_BSD = checkpoints.pop().detach().requires_grad_(j > 0)
             with torch.enable_grad(), self._restored_rng(rng_states[j]), self.autocast(), self.cache.replaying(j):
-                y_BSD = self.base.blocks[j](x_in_BSD)
+                y_BSD = self._block(j, x_in_BSD)
             y_BSD.backward(grad_BSD)  # LoRA parameters' .grad accumulate over micro-batches
             grad_BSD = x_in_BSD.grad
             del y_BSD, x_in_BSD
             weights.release(j, flat_u8)
+
+    def _block(self, j: int, x_BSD: torch.Tensor) -> torch.Tensor:
+        block = self.base.blocks[j]
+        return block(x_BSD) if self.compiled_block is None else self.compiled_block(block, x_BSD, False)
 
     def _rng_state(self) -> tuple:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None

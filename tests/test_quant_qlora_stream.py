@@ -276,3 +276,41 @@ def test_kept_outputs_change_nothing_in_bf16_on_a_gpu():
     assert len(cache.plan.chosen) == 4 * (len(cache.linears[0]) - 1) and cache.peak_bytes == cache.plan.num_bytes
     assert cache.plan.num_bytes == 4 * (2 * 64) * (256 + 2 * 128 + 256 + 2 * 768) * 2  # bf16 qkv, o, gate_up outputs
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_streamed_qlora_matches_eager_in_bf16_on_a_gpu():
+    """train.compile with quant.stream: Inductor's kernels through bitsandbytes' and peft's layers, with kept
+    outputs and the skipped down projection, give the eager run's losses to bf16 rounding (no dropout here:
+    compiled dropout draws other masks than eager dropout)."""
+    overrides = SHAPES["llama"] + GPU_TINY + ["quant.lora_dropout=0.0", "quant.stream_cache_gb=0.001"]
+    eager = run_steps(make_trainer(overrides, stream=True), 6)
+    compiled = run_steps(make_trainer(overrides + ["train.compile=true"], stream=True), 6)
+    assert compiled[-1] < compiled[0]
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-3, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_recompute_draws_the_forward_dropout_masks_on_a_gpu():
+    """The streamed recompute restores the RNG state of the block's forward; compiled (Inductor's own random
+    kernels, one graph without grad, one with it) it must still draw the forward's masks."""
+    trainer = make_trainer(SHAPES["llama"] + GPU_TINY + ["quant.lora_dropout=0.3", "train.compile=true"], stream=True)
+    runtime = trainer.runtime
+    try:
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:  # zero at init, which would hide the LoRA branch and its dropout
+                torch.nn.init.normal_(parameter, std=0.5)
+        x_BSD = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16)
+        with runtime.resident(1), runtime.autocast():
+            state = runtime._rng_state()
+            with torch.no_grad():
+                forward = runtime._block(1, x_BSD)
+                other_masks = runtime._block(1, x_BSD)
+            with runtime._restored_rng(state):
+                recompute = runtime._block(1, x_BSD.clone().requires_grad_(True))
+        assert not torch.equal(forward, other_masks)
+        torch.testing.assert_close(recompute.detach(), forward, rtol=0, atol=0)
+    finally:
+        trainer.close()
