@@ -295,7 +295,10 @@ def test_compiled_streamed_qlora_matches_eager_in_bf16_on_a_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_recompute_draws_the_forward_dropout_masks_on_a_gpu():
     """The streamed recompute restores the RNG state of the block's forward; compiled (Inductor's own random
-    kernels, one graph without grad, one with it) it must still draw the forward's masks."""
+    kernels, one graph without grad, one with it) it must still draw the forward's masks. The two graphs
+    fuse differently, so in bf16 their outputs differ by rounding (measured on the H100: at most 27.9 where
+    outputs reach ~1000, 3 bf16 steps); other masks move them by the LoRA branch itself (~1000). The test
+    compares the two distances."""
     trainer = make_trainer(SHAPES["llama"] + GPU_TINY + ["quant.lora_dropout=0.3", "train.compile=true"], stream=True)
     runtime = trainer.runtime
     try:
@@ -306,11 +309,11 @@ def test_compiled_recompute_draws_the_forward_dropout_masks_on_a_gpu():
         with runtime.resident(1), runtime.autocast():
             state = runtime._rng_state()
             with torch.no_grad():
-                forward = runtime._block(1, x_BSD)
-                other_masks = runtime._block(1, x_BSD)
+                forward = runtime._block(1, x_BSD).float()
+                other_masks = runtime._block(1, x_BSD).float()
             with runtime._restored_rng(state):
-                recompute = runtime._block(1, x_BSD.clone().requires_grad_(True))
-        assert not torch.equal(forward, other_masks)
-        torch.testing.assert_close(recompute.detach(), forward, rtol=0, atol=0)
+                recompute = runtime._block(1, x_BSD.clone().requires_grad_(True)).detach().float()
+        rounding, masks = (recompute - forward).norm(), (other_masks - forward).norm()
+        assert rounding < 0.05 * masks, (rounding, masks)
     finally:
         trainer.close()
