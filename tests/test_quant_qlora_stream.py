@@ -314,6 +314,6 @@ def test_compiled_recompute_draws_the_forward_dropout_masks_on_a_gpu():
             with runtime._restored_rng(state):
                 recompute = runtime._block(1, x_BSD.clone().requires_grad_(True)).detach().float()
         rounding, masks = (recompute - forward).norm(), (other_masks - forward).norm()
-        assert rounding < 0.05 * masks, (rounding, masks)
+        assert rounding < 0.1 * masks, (rounding, masks)
     finally:
         trainer.close()
