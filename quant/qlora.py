@@ -2,7 +2,8 @@
 
 After Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (2023). Nothing numerical is
 re-implemented here: NF4 with double quantization is `bitsandbytes.nn.Linear4bit(quant_type="nf4",
-compress_statistics=True)`, LoRA is `peft.get_peft_model`, the optimizer is `bitsandbytes.optim.PagedAdamW`.
+compress_statistics=True)`, LoRA is `peft.get_peft_model`, the optimizer is `bitsandbytes.optim.PagedAdamW` (stepped
+with one device sync rather than one per parameter: `PagedAdamW` here).
 This module wires them to our model and translates the result to Hugging Face names.
 
 Adapters in PEFT's format. Our attention has one fused projection W_qkv [(H + 2K) E, D] where HF has
@@ -185,7 +186,49 @@ def make_paged_adamw(model: nn.Module, *, lr: float, betas: tuple[float, float] 
     if optim_bits not in OPTIMIZER_BITS:
         raise ValueError(f"optim_bits must be one of {OPTIMIZER_BITS}, got {optim_bits}")
     groups = [group for group in adamw_param_groups(model, weight_decay) if group["params"]]
-    return bnb.optim.PagedAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits)
+    return PagedAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits)
+
+
+class PagedAdamW(bnb.optim.PagedAdamW):
+    """bitsandbytes' paged AdamW, stepping with one device synchronisation instead of one per parameter.
+
+    bitsandbytes 0.50's `Optimizer8bit.step` calls `torch.cuda.synchronize()` after every parameter's
+    update. Its kernels are launched without a stream, so on the legacy default stream, and the sync
+    keeps them ordered against work a caller queued on other streams (bitsandbytes PR #2050 discusses
+    it). For LoRA's many small tensors that drains the GPU hundreds of times a step: measured on the H100,
+    LLaMA-3 8B streamed, batch 2, 256 adapter tensors: 25-35 ms of GPU idle in a profiled 0.5 s step,
+    charged to the optimizer's launches (benchmarks/diag/qlora_gaps.py).
+
+    When the caller computes on that same default stream (ours does), the gradients' producers, the
+    paged-state prefetches (`cudaMemPrefetchAsync` on stream 0) and the update kernels are already in
+    stream order, so the per-parameter syncs add nothing: this `step` runs bitsandbytes' own per-parameter
+    calls (`init_state`, `prefetch_state`, `update_step`) in its order, and synchronises once at the end,
+    as bitsandbytes does for paged state. The kernels and their order are unchanged, so the results are
+    bitwise those of bitsandbytes' step. On any other stream, or with a closure, bitsandbytes' step runs.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        parameters = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        device = parameters[0].device if parameters else None
+        if closure is not None or (device is not None and device.type == "cuda"
+                                   and torch.cuda.current_stream(device) != torch.cuda.default_stream(device)):
+            return super().step(closure)
+        if not self.initialized:
+            self.check_overrides()
+            self.to_gpu()
+            self.initialized = True
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if len(self.state[p]) == 0:
+                    self.init_state(group, p, gindex, pindex)
+                self.prefetch_state(p)
+                self.update_step(group, p, gindex, pindex)
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return None
 
 
 def _lora_layers(model: peft.PeftModel) -> dict[str, BaseTunerLayer]:

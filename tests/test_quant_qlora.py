@@ -162,3 +162,63 @@ def test_ragged_rows_on_cpu_are_warned_about():
         pytest.skip("this bitsandbytes dequantizes ragged rows correctly on the CPU")
     with pytest.warns(UserWarning, match="down_proj: in_features 352"):
         prepare_qlora(build_model(get_preset("tiny-llama"), seed=0), rank=2, alpha=4, dropout=0.0)
+
+
+def adamw_pair(device, optim_bits):
+    """Our PagedAdamW and bitsandbytes' own, over equal copies of a few tensors: small ones (32-bit state),
+    ones of 4096+ elements (8-bit blockwise state) and one of 1e5+ (paged state on CUDA)."""
+    from quant.qlora import PagedAdamW
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(16, 8), (64, 96), (512, 256)]
+    tensors = [torch.randn(shape, generator=generator).to(device) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator).to(device) for shape in shapes] for _ in range(3)]
+    settings = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, optim_bits=optim_bits)
+    ours = [nn.Parameter(t.clone()) for t in tensors]
+    theirs = [nn.Parameter(t.clone()) for t in tensors]
+    return (ours, PagedAdamW(ours, **settings)), (theirs, bnb.optim.PagedAdamW(theirs, **settings)), grads
+
+
+def run_adamw(parameters, optimizer, grads):
+    for step_grads in grads:
+        for p, g in zip(parameters, step_grads, strict=True):
+            p.grad = g.clone()
+        optimizer.step()
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+@pytest.mark.parametrize("optim_bits", [8, 32])
+def test_paged_adamw_steps_as_bitsandbytes_without_its_per_parameter_syncs(optim_bits, monkeypatch):
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    syncs = []
+    original = bnb_optimizer.sync_gpu
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: syncs.append(1) or original(t))
+    (ours, ours_optimizer), (theirs, their_optimizer), grads = adamw_pair("cpu", optim_bits)
+    run_adamw(theirs, their_optimizer, grads)
+    assert len(syncs) == 3 * (len(theirs) + 1)  # bitsandbytes: per step, one per parameter and one for paged state
+    syncs.clear()
+    run_adamw(ours, ours_optimizer, grads)
+    assert not syncs
+    initial = adamw_pair("cpu", optim_bits)[0][0]
+    for mine, reference, start in zip(ours, theirs, initial, strict=True):
+        assert not torch.equal(mine, start)  # it stepped
+        assert torch.equal(mine, reference)  # same kernels in the same order: bitwise
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("optim_bits", [8, 32])
+def test_paged_adamw_on_a_gpu_syncs_once_per_step_and_matches_bitsandbytes(optim_bits, monkeypatch):
+    syncs = []
+    original = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: syncs.append(1) or original(*args))
+    (ours, ours_optimizer), (theirs, their_optimizer), grads = adamw_pair("cuda", optim_bits)
+    run_adamw(theirs, their_optimizer, grads)
+    their_syncs, syncs[:] = len(syncs), []
+    run_adamw(ours, ours_optimizer, grads)
+    assert their_syncs >= 3 * len(theirs) and len(syncs) == 3
+    paged = [state["state1"] for state in ours_optimizer.state.values() if getattr(state["state1"], "is_paged", False)]
+    assert paged  # the 512 x 256 tensor's state lives in paged (managed) memory
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert torch.equal(mine, reference)
