@@ -8,7 +8,9 @@
 Both start from random weights (no downloads) and train LoRA rank 16 (alpha 32, dropout 0.05) on every
 block linear over a frozen NF4 base (bitsandbytes, double quantization, bf16 compute) with bitsandbytes'
 paged AdamW 8-bit, on the same synthetic batches, under bf16 autocast, and compute the loss the same way
-(fp32 cross-entropy over the target tokens).
+(fp32 cross-entropy over the target tokens). The recipe steps bitsandbytes' `PagedAdamW8bit` as shipped (one
+device sync per parameter); ours steps the same optimizer through `quant.qlora.PagedAdamW` (one sync per step,
+bitwise the same updates).
 
     hf         transformers.LlamaForCausalLM built from the preset's config in bf16 on the GPU, its linears
                (all but lm_head) replaced by bnb.nn.Linear4bit(nf4, compress_statistics=True, bf16 compute):

@@ -217,7 +217,9 @@ def test_paged_adamw_on_a_gpu_syncs_once_per_step_and_matches_bitsandbytes(optim
     run_adamw(theirs, their_optimizer, grads)
     their_syncs, syncs[:] = len(syncs), []
     run_adamw(ours, ours_optimizer, grads)
-    assert their_syncs >= 3 * len(theirs) and len(syncs) == 3
+    # bitsandbytes syncs once per parameter and step, once per step for paged state, and a few times while
+    # it allocates the paged state in the first step (both do: 2 on the H100); ours drops the first kind.
+    assert len(syncs) == their_syncs - 3 * len(theirs) <= 3 + 2
     paged = [state["state1"] for state in ours_optimizer.state.values() if getattr(state["state1"], "is_paged", False)]
     assert paged  # the 512 x 256 tensor's state lives in paged (managed) memory
     for mine, reference in zip(ours, theirs, strict=True):
