@@ -11,9 +11,13 @@ One optimizer step, per micro-batch (after the Fuyou schedule, fuyou/schedule.py
               steady:    fetch j+d | keep x_j (checkpoint) and the RNG state | x_{j+1} = block_j(x_j), no graph |
                          release j
               epilogue:  head and loss in token chunks (fuyou.schedule.head_loss_backward): dloss/dx_L
-    backward  prologue:  fetch L-1..L-d
-              steady:    fetch j-d | recompute block_j from x_j with the saved RNG state (same LoRA dropout
-                         masks), backprop: LoRA grads accumulate, dloss/dx_j | release j
+    backward  prologue:  fetch L-1..L-d;  recompute block_{L-1}
+              steady:    fetch j-1-d | recompute block_{j-1} from x_{j-1} with its saved RNG state (same LoRA
+                         dropout masks) | backprop block_j: LoRA grads accumulate, dloss/dx_j | release j
+              epilogue:  backprop block_0
+    Each recompute is issued one block ahead of its backprop: while the host sets up block j's backward
+    (autograd engine, the compiled backward's launch: ~1 ms a block on the H100 host), the GPU runs block
+    j-1's recompute instead of idling. It costs one more block's recompute graph and weights alive.
     With `quant.stream_cache_gb`, the forward also keeps chosen frozen linears' outputs (quant/output_cache.py)
     and the recompute returns them instead of running those GEMMs.
     then clip, learning rate and bitsandbytes' paged AdamW over the LoRA parameters, as the reference.
@@ -361,10 +365,12 @@ class StreamedQLoRA:
         return checkpoints, rng_states, x_BSD
 
     def _backward(self, checkpoints: list[torch.Tensor], rng_states: list, grad_BSD: torch.Tensor) -> None:
-        """Recompute each block from its checkpoint (same dropout masks) and backprop, last block first."""
+        """Recompute each block from its checkpoint (same dropout masks) and backprop, last block first; each
+        recompute is issued one block ahead of its backprop (module docstring)."""
         L = len(self.payloads)
         weights = self._stream(reversed(range(L)))
-        for j in reversed(range(L)):
+
+        def recompute(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             visited, flat_u8 = weights.next()
             assert visited == j
             self.payloads[j].install(flat_u8)
@@ -372,6 +378,12 @@ class StreamedQLoRA:
             x_in_BSD = checkpoints.pop().detach().requires_grad_(j > 0)
             with torch.enable_grad(), self._restored_rng(rng_states[j]), self.autocast(), self.cache.replaying(j):
                 y_BSD = self._block(j, x_in_BSD)
+            return x_in_BSD, y_BSD, flat_u8
+
+        ahead = recompute(L - 1)  # prologue
+        for j in reversed(range(L)):
+            x_in_BSD, y_BSD, flat_u8 = ahead
+            ahead = recompute(j - 1) if j > 0 else None  # steady state: the next recompute goes first
             y_BSD.backward(grad_BSD)  # LoRA parameters' .grad accumulate over micro-batches
             grad_BSD = x_in_BSD.grad
             del y_BSD, x_in_BSD

@@ -169,8 +169,8 @@ def test_streamed_qlora_on_a_gpu_under_its_cap():
         streamed = [trainer.step().loss for _ in range(3)]
         torch.testing.assert_close(torch.tensor(streamed), torch.tensor(expected), rtol=2e-2, atol=0)
         assert runtime.store.moved_bytes["h2d"] - moved_before == 3 * 2 * 2 * runtime.nf4_bytes
-        # At most the block computing and the 2 fetched ahead of it are on the GPU.
-        assert runtime.store.report()["gpu_store"]["peak_bytes"] <= 3 * -(-runtime.payloads[0].num_bytes // 4096) * 4096
+        # At most the block backpropagating, the one recomputed ahead of it and the 2 fetched ahead are on the GPU.
+        assert runtime.store.report()["gpu_store"]["peak_bytes"] <= 4 * -(-runtime.payloads[0].num_bytes // 4096) * 4096
         assert torch.cuda.max_memory_reserved() <= 2 * 2**30
     finally:
         trainer.close()
