@@ -317,3 +317,31 @@ def test_compiled_recompute_draws_the_forward_dropout_masks_on_a_gpu():
         assert rounding < 0.1 * masks, (rounding, masks)
     finally:
         trainer.close()
+
+
+def test_backward_recomputes_one_block_ahead_of_its_backprop(monkeypatch):
+    """The streamed backward's steady state: block j-1's recompute is issued before block j's backprop (the
+    GPU runs it while the host sets that backprop up), so two blocks' weights are installed at once."""
+    trainer = make_trainer(SHAPES["llama"] + ["model.num_layers=4", "offload.prefetch_depth=1"], stream=True)
+    runtime = trainer.runtime
+    events = []
+    block = runtime._block
+    monkeypatch.setattr(runtime, "_block", lambda j, x: events.append(("block", j, torch.is_grad_enabled())) or block(j, x))
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda y, *a, **k: events.append(("backprop",)) or backward(y, *a, **k))
+    installed, peak = set(), [0]
+    for j, payload in enumerate(runtime.payloads):
+        install, clear = payload.install, payload.clear
+        monkeypatch.setattr(payload, "install", lambda flat, j=j, install=install: installed.add(j) or
+                            peak.__setitem__(0, max(peak[0], len(installed))) or install(flat))
+        monkeypatch.setattr(payload, "clear", lambda j=j, clear=clear: installed.discard(j) or clear())
+    try:
+        trainer.step()
+    finally:
+        trainer.close()
+    first_recompute = events.index(("block", 3, True))  # before it: the forward, and the head's chunk backprops
+    backward_events = events[first_recompute:]
+    # Blocks 3..0 recomputed; each backprop of block j comes after the recompute of j-1 was issued.
+    assert backward_events == [("block", 3, True), ("block", 2, True), ("backprop",), ("block", 1, True), ("backprop",),
+                               ("block", 0, True), ("backprop",), ("backprop",)]
+    assert peak[0] == 2  # installed at once: the block backpropagating and the one recomputed ahead
