@@ -13,8 +13,11 @@ those are passed in as graph inputs, not baked in as constants:
                      "meta") through `functional_call`. The backward then returns each part's gradient
                      as one flat tensor.
     runtime=reference `module_block_function()`: takes the block module itself; dynamo lifts its
-                     parameters as inputs (torch inlines nn modules), so every block reuses the graph
-                     compiled for the first.
+    and streamed QLoRA parameters as inputs (torch inlines nn modules), so every block reuses the graph
+                     compiled for the first. QLoRA's blocks trace whole too: bitsandbytes' Linear4bit
+                     through its registered ops (its NF4 tensors become inputs like parameters, so a
+                     streamed block's freshly installed weights need no recompile), peft's LoRA layers
+                     as ordinary modules.
 Each compiles a handful of graphs per run, whatever the number of blocks: grad mode (forward and
 recompute without grad; backward with it), autocast on or off, and activation checkpointing on or off
 (reference) are guarded on. Shapes are static (`dynamic=False`): a run's micro-batch shape is fixed.
