@@ -26,7 +26,6 @@ Shape legend:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
@@ -180,43 +179,19 @@ def make_norm(config: TransformerConfig) -> nn.Module:
     return RMSNorm(config.hidden_size, eps=config.norm_eps)
 
 
-@functools.lru_cache(maxsize=16)
-def _rotary_table(seq_len: int, head_dim: int, theta: float, device: torch.device,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq_E2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    positions_S = torch.arange(seq_len, dtype=torch.float32, device=device)
-    angles_SE2 = positions_S[:, None] * inv_freq_E2[None, :]
-    angles_SE = torch.cat((angles_SE2, angles_SE2), dim=-1)
-    return angles_SE.cos().to(dtype), angles_SE.sin().to(dtype)
-
-
-@torch.library.custom_op("fuyou::rotary_cos_sin", mutates_args=())
-def _rotary_cos_sin_op(seq_len: int, head_dim: int, theta: float, device: torch.device,
-                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    cos_SE, sin_SE = _rotary_table(seq_len, head_dim, theta, device, dtype)
-    # Copies: an op's outputs are the caller's (Inductor may reuse a dead output's memory in place).
-    return cos_SE.clone(), sin_SE.clone()
-
-
-@_rotary_cos_sin_op.register_fake
-def _(seq_len, head_dim, theta, device, dtype):
-    return (torch.empty(seq_len, head_dim, device=device, dtype=dtype),
-            torch.empty(seq_len, head_dim, device=device, dtype=dtype))
-
-
 def rotary_cos_sin(
     seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos_SE and sin_SE for rotary embeddings in the "rotate half" layout HF Llama checkpoints use.
 
-    Computed in fp32 (as HF does), cast to `dtype`, and kept per (shape, device, dtype): each block asks
-    again, so that it carries no position state. Why a custom op: under torch.compile, Inductor fused the
-    table's arange/pow/cos/sin into the kernels that rotate q and k, so every element of q and k paid its
-    own pow, cos and sin: 15 ms of the 0.38 s of kernels in a profiled LLaMA-3 8B QLoRA step on the H100
-    (benchmarks/RESULTS.md, eighth session), about 5x the time those kernels need to move q and k. As
-    an op, the table is a tensor that they read.
+    Computed in fp32 (as HF does) and cast to `dtype`; cheap next to attention, and recomputing it keeps
+    each block free of position state.
     """
-    return _rotary_cos_sin_op(seq_len, head_dim, float(theta), torch.device(device), dtype)
+    inv_freq_E2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    positions_S = torch.arange(seq_len, dtype=torch.float32, device=device)
+    angles_SE2 = positions_S[:, None] * inv_freq_E2[None, :]
+    angles_SE = torch.cat((angles_SE2, angles_SE2), dim=-1)
+    return angles_SE.cos().to(dtype), angles_SE.sin().to(dtype)
 
 
 def apply_rotary(x_BNSE: torch.Tensor, cos_SE: torch.Tensor, sin_SE: torch.Tensor) -> torch.Tensor:
