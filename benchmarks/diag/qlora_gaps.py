@@ -60,6 +60,18 @@ def build(args):
                          cache_bytes=int(args.stream_cache_gb * GiB), compile_blocks=args.compile)
 
 
+def add_build_arguments(parser: argparse.ArgumentParser, *, stream_cache_gb: float) -> None:
+    """The flags `build` reads (model, batch, cache, cap, depth, compile)."""
+    parser.add_argument("--preset", default="llama3-8b")
+    parser.add_argument("--num-layers", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--stream-cache-gb", type=float, default=stream_cache_gb)
+    parser.add_argument("--gpu-memory-gb", type=float, default=24.0)
+    parser.add_argument("--prefetch-depth", type=int, default=2)
+    parser.add_argument("--compile", action="store_true")
+
+
 def instrument(trainer) -> None:
     """Named host ranges around the schedule's parts (on this trainer and the module functions it calls)."""
     import quant.qlora_stream as stream
@@ -119,14 +131,7 @@ def analyse(trace: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="llama3-8b")
-    parser.add_argument("--num-layers", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--stream-cache-gb", type=float, default=7.0)
-    parser.add_argument("--gpu-memory-gb", type=float, default=24.0)
-    parser.add_argument("--prefetch-depth", type=int, default=2)
-    parser.add_argument("--compile", action="store_true")
+    add_build_arguments(parser, stream_cache_gb=7.0)
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--trace", type=Path, default=None, help="also write the profiler's trace here (gzip JSON)")
     args = parser.parse_args(argv)

@@ -20,17 +20,12 @@ import time
 
 import torch
 
+from benchmarks.diag.qlora_gaps import add_build_arguments
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="llama3-8b")
-    parser.add_argument("--num-layers", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--stream-cache-gb", type=float, default=6.5)
-    parser.add_argument("--gpu-memory-gb", type=float, default=24.0)
-    parser.add_argument("--prefetch-depth", type=int, default=2)
-    parser.add_argument("--compile", action="store_true")
+    add_build_arguments(parser, stream_cache_gb=6.5)
     parser.add_argument("--top", type=int, default=35, help="functions listed per ordering")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
