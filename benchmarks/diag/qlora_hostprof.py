@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from benchmarks.diag.qlora_gaps import add_build_arguments
+from benchmarks.diag.qlora_gaps import add_build_arguments, build
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    from benchmarks.diag.qlora_gaps import build
     from benchmarks.qlora import synthetic_batches
 
     trainer = build(args)
