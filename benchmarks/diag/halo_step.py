@@ -1,0 +1,133 @@
+"""Where a HALO (or bf16) reference-trainer step spends its GPU time, by kernel group (issue 7 diagnosis).
+
+    python -m benchmarks.diag.halo_step [--variants bf16 halo0] [--batch-size 4] [--fused-adamw] [--compile] ...
+
+For each variant it builds the `fuyou.Trainer` that `benchmarks.halo`'s end-to-end part builds (reference
+runtime, bf16 autocast, fp32 masters, synthetic data; `quant.mode=halo` for haloN), runs `--warmup` steps
+(compiles), times `--steps` steps, then profiles one more with torch.profiler and sums its CUDA kernels
+by group: bf16 GEMMs, FP8 GEMMs, attention, Inductor's fused kernels, the optimizer, the loss, the rest.
+Kernel time against the median step says how much of the step the GPU computes at all.
+
+`--fused-adamw` swaps the trainer's torch AdamW (foreach, the default on CUDA) for `fused=True` with the
+same groups and hyper-parameters: what the reference's optimizer costs and what a faster one would give
+both modes. Variants alternate in one process, so compare them within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+KERNEL_GROUPS = [  # (group, lower-case name fragments); first match wins, FP8 before the other GEMMs
+    ("gemm fp8", ("e4m3", "f8f8", "fp8", "_qqt", "f8_")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm bf16", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "s16816", "wgmma", "sm90")),
+    ("optimizer", ("multi_tensor", "adam", "foreach", "fused_adam")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "softmax")),
+    ("fused (Inductor)", ("triton_",)),
+    ("reduction", ("reduce", "norm")),
+]
+
+
+def kernel_group(name: str) -> str:
+    lowered = name.lower()
+    for group, fragments in KERNEL_GROUPS:
+        if any(fragment in lowered for fragment in fragments):
+            return group
+    return "elementwise and other"
+
+
+def build(args, variant: str):
+    from fuyou.config import TrainConfig
+    from fuyou.reference import adamw_param_groups
+    from fuyou.trainer import Trainer
+
+    overrides = [
+        f"model.preset={args.preset}", "runtime=reference", "device=cuda", "train.precision=bf16",
+        "data.source=synthetic", "train.save_final=false", f"train.steps={args.warmup + args.steps + 1}",
+        f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", "train.lr=1e-4", "seed=0",
+        f"train.compile={'true' if args.compile else 'false'}",
+    ]
+    if variant.startswith("halo"):
+        overrides += ["quant.mode=halo", f"quant.halo_level={int(variant[4:])}"]
+    output = tempfile.mkdtemp(prefix="halo-step-")
+    trainer = Trainer(TrainConfig.from_yaml(args.config, overrides), output_dir=output, progress=False)
+    if args.fused_adamw:
+        old = trainer.runtime.optimizer
+        defaults = old.defaults
+        trainer.runtime.optimizer = torch.optim.AdamW(
+            adamw_param_groups(trainer.model, old.param_groups[0]["weight_decay"]), lr=defaults["lr"],
+            betas=defaults["betas"], eps=defaults["eps"], fused=True)
+    return trainer
+
+
+def profile_step(trainer, top: int) -> dict:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        trainer.step()
+    events = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in events if not e.name.startswith(("Memcpy", "Memset")) and not ("#" in e.name and "(" not in e.name)]
+    by_name: dict[str, float] = {}
+    for event in kernels:
+        by_name[event.name] = by_name.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e3
+    groups: dict[str, float] = {}
+    for name, ms in by_name.items():
+        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + ms
+    return {"kernel_ms": sum(by_name.values()), "kernels": len(kernels), "groups_ms": groups,
+            "top": sorted(by_name.items(), key=lambda item: -item[1])[:top]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--preset", default="gpt3-1.3b")
+    parser.add_argument("--variants", nargs="+", default=["bf16", "halo0"])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--fused-adamw", action="store_true")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for variant in args.variants:
+        trainer = build(args, variant)
+        for _ in range(args.warmup):
+            trainer.step()
+        step_s = []
+        for _ in range(args.steps):
+            start_s = time.perf_counter()
+            trainer.step()
+            step_s.append(time.perf_counter() - start_s)
+        median_ms = statistics.median(step_s) * 1e3
+        prof = profile_step(trainer, args.top)
+        tag = f"{variant} b{args.batch_size}{' fusedadam' if args.fused_adamw else ''}"
+        print(f"{tag}: median step {median_ms:.1f} ms, kernels {prof['kernel_ms']:.1f} ms ({prof['kernels']}), "
+              f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+        for name, ms in prof["top"]:
+            print(f"    {ms:7.2f} ms  {name[:110]}")
+        rows.append((tag, median_ms, prof))
+        del trainer
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    groups = sorted({g for _, _, p in rows for g in p["groups_ms"]})
+    print("\nvariant | median step ms | kernel ms | " + " | ".join(groups))
+    for tag, median_ms, prof in rows:
+        print(f"{tag} | {median_ms:.1f} | {prof['kernel_ms']:.1f} | "
+              + " | ".join(f"{prof['groups_ms'].get(g, 0.0):.1f}" for g in groups))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
