@@ -1,6 +1,7 @@
 """Where a HALO (or bf16) reference-trainer step spends its GPU time, by kernel group (issue 7 diagnosis).
 
-    python -m benchmarks.diag.halo_step [--variants bf16 halo0] [--batch-size 4] [--fused-adamw] [--compile] ...
+    python -m benchmarks.diag.halo_step [--variants bf16 halo0] [--batch-size 4] [--foreach-adamw] [--compile]
+                                        [--kernels-json PATH] ...
 
 For each variant it builds the `fuyou.Trainer` that `benchmarks.halo`'s end-to-end part builds (reference
 runtime, bf16 autocast, fp32 masters, synthetic data; `quant.mode=halo` for haloN), runs `--warmup` steps
@@ -8,14 +9,15 @@ runtime, bf16 autocast, fp32 masters, synthetic data; `quant.mode=halo` for halo
 by group: bf16 GEMMs, FP8 GEMMs, attention, Inductor's fused kernels, the optimizer, the loss, the rest.
 Kernel time against the median step says how much of the step the GPU computes at all.
 
-`--fused-adamw` swaps the trainer's torch AdamW (foreach, the default on CUDA) for `fused=True` with the
-same groups and hyper-parameters: what the reference's optimizer costs and what a faster one would give
-both modes. Variants alternate in one process, so compare them within one run only.
+`--foreach-adamw` swaps the trainer's torch AdamW (fused on CUDA since the reference adopted it) for the
+foreach one, torch's default on CUDA, with the same groups and hyper-parameters: what the optimizer costs
+each mode. `--kernels-json` writes every profiled kernel's total milliseconds per variant. Variants alternate in one process, so compare them within one run only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -57,12 +59,12 @@ def build(args, variant: str):
         overrides += ["quant.mode=halo", f"quant.halo_level={int(variant[4:])}"]
     output = tempfile.mkdtemp(prefix="halo-step-")
     trainer = Trainer(TrainConfig.from_yaml(args.config, overrides), output_dir=output, progress=False)
-    if args.fused_adamw:
+    if args.foreach_adamw:
         old = trainer.runtime.optimizer
         defaults = old.defaults
         trainer.runtime.optimizer = torch.optim.AdamW(
             adamw_param_groups(trainer.model, old.param_groups[0]["weight_decay"]), lr=defaults["lr"],
-            betas=defaults["betas"], eps=defaults["eps"], fused=True)
+            betas=defaults["betas"], eps=defaults["eps"], foreach=True, fused=False)
     return trainer
 
 
@@ -80,8 +82,9 @@ def profile_step(trainer, top: int) -> dict:
     groups: dict[str, float] = {}
     for name, ms in by_name.items():
         groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + ms
-    return {"kernel_ms": sum(by_name.values()), "kernels": len(kernels), "groups_ms": groups,
-            "top": sorted(by_name.items(), key=lambda item: -item[1])[:top]}
+    ranked = sorted(by_name.items(), key=lambda item: -item[1])
+    return {"kernel_ms": sum(by_name.values()), "kernels": len(kernels), "groups_ms": groups, "top": ranked[:top],
+            "all": ranked}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--fused-adamw", action="store_true")
+    parser.add_argument("--foreach-adamw", action="store_true")
+    parser.add_argument("--kernels-json", default=None)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             step_s.append(time.perf_counter() - start_s)
         median_ms = statistics.median(step_s) * 1e3
         prof = profile_step(trainer, args.top)
-        tag = f"{variant} b{args.batch_size}{' fusedadam' if args.fused_adamw else ''}"
+        tag = f"{variant} b{args.batch_size}{' foreach-adamw' if args.foreach_adamw else ''}"
         print(f"{tag}: median step {median_ms:.1f} ms, kernels {prof['kernel_ms']:.1f} ms ({prof['kernels']}), "
               f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
         for name, ms in prof["top"]:
@@ -121,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         del trainer
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    if args.kernels_json:
+        with open(args.kernels_json, "w") as file:
+            json.dump({tag: {"median_step_ms": median_ms, "kernels_ms": prof["all"]} for tag, median_ms, prof in rows}, file, indent=1)
     groups = sorted({g for _, _, p in rows for g in p["groups_ms"]})
     print("\nvariant | median step ms | kernel ms | " + " | ".join(groups))
     for tag, median_ms, prof in rows:
