@@ -178,9 +178,11 @@ def adam_gparams_per_s(num_params: int, repeats: int) -> tuple[float, str]:
     return num_params / _timed(optimizer.step, repeats) / 1e9, kind
 
 
-def cpu_rates_under_load(quick: bool, num_groups: int = 4, *, clip: float = 1.0, fold_clip: bool = True) -> tuple[float, float]:
+def cpu_rates_under_load(quick: bool, num_groups: int = 4, *, clip: float = 1.0, fold_clip: bool = True,
+                         timer=_timed) -> tuple[float, float]:
     """(AdamW Gparam/s, cast pass GB/s read + written) on the optimizer worker's data while the GPU and
-    PCIe are busy (module docstring). CUDA only. `clip`, `fold_clip`: as `AdamWKernel.step` takes them."""
+    PCIe are busy (module docstring). CUDA only. `clip`, `fold_clip`: as `AdamWKernel.step` takes them;
+    `timer(fn, repeats)`: seconds per call (`_timed`; diagnostics pass one that keeps every sample)."""
     group_params, repeats = ((1 << 20), 2) if quick else ((64 << 20), 5)
     from offload.cpu_optimizer import AdamWKernel
     from offload.pinned import PinnedPool
@@ -233,8 +235,8 @@ def cpu_rates_under_load(quick: bool, num_groups: int = 4, *, clip: float = 1.0,
     loader = threading.Thread(target=load, name="probe-load", daemon=True)
     loader.start()
     try:
-        adam_s = _timed(adamw, repeats)
-        cast_s = _timed(cast, repeats)
+        adam_s = timer(adamw, repeats)
+        cast_s = timer(cast, repeats)
     finally:
         stop.set()
         loader.join()
