@@ -96,7 +96,13 @@ class Trainer:
             _warn_ignored_offload_keys(config)
         elif config.runtime == "reference":
             # QLoRA's peak is the fp32 model built before its block linears become NF4.
-            _check_memory(self.num_parameters, self.device, bytes_per_param=4 if config.quant.mode == "qlora" else REFERENCE_BYTES_PER_PARAM)
+            if config.quant.mode == "qlora":
+                _check_memory(self.num_parameters, self.device, bytes_per_param=4,
+                              fix="set quant.stream=true (the model is built and quantized block by block into CPU "
+                                  "memory and its 4-bit blocks stream to the GPU)")
+            else:
+                _check_memory(self.num_parameters, self.device,
+                              fix="set runtime=fuyou (states offloaded to CPU memory or SSD)")
             if config.offload != type(config.offload)():
                 warnings.warn("the offload section is ignored by runtime=reference, which keeps every state on one device")
         else:
@@ -445,8 +451,10 @@ def _resolve_tokenizer_spec(config: TrainConfig) -> str:
     return "byte"
 
 
-def _check_memory(num_parameters: int, device: torch.device, bytes_per_param: int = REFERENCE_BYTES_PER_PARAM) -> None:
-    """Refuses a model whose weights, gradients and AdamW state cannot fit on the device at all."""
+def _check_memory(num_parameters: int, device: torch.device, bytes_per_param: int = REFERENCE_BYTES_PER_PARAM,
+                  fix: str = "pick a smaller model.preset") -> None:
+    """Refuses a model whose weights, gradients and AdamW state cannot fit on the device at all; `fix`
+    names the setting that makes it fit."""
     need_bytes = num_parameters * bytes_per_param
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
@@ -458,7 +466,7 @@ def _check_memory(num_parameters: int, device: torch.device, bytes_per_param: in
         raise FuyouError(
             f"runtime=reference needs about {need_bytes / 1e9:.1f} GB of {where} memory for {num_parameters / 1e9:.2f}B parameters "
             f"({bytes_per_param} bytes per parameter before activations), {free_bytes / 1e9:.1f} GB free; "
-            f"pick a smaller model.preset or a machine with more memory"
+            f"{fix}, or pick a smaller model.preset"
         )
 
 
