@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.kernels import group_times, profile_kernels
 from benchmarks.run import _commit, _device_name
 
 LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.05}
@@ -141,29 +142,13 @@ def time_steps(args, step) -> tuple[list[float], list[float], dict]:
         step_s.append(time.perf_counter() - start_s)
     if not args.profile:
         return step_s, losses, {}
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-        step([next(batches)])
-    device_events = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
-    copies = [e for e in device_events if e.name.startswith(("Memcpy", "Memset"))]
-    # "Optimizer.step#PagedAdamW.step" and the like are ranges the profiler annotates on the GPU timeline,
-    # not kernels (kernel names hold '#' too, in lambdas: "...::{lambda()#1}...", always with parentheses).
-    kernels = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))
-               and not ("#" in e.name and "(" not in e.name)]
-    by_name: dict[str, float] = {}
-    for event in kernels:
-        by_name[event.name] = by_name.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e6
-    groups: dict[str, float] = {}
-    for name, seconds in by_name.items():
-        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + seconds
+    by_name, copy_s, num_kernels = profile_kernels(lambda: step([next(batches)]))
     top = sorted(by_name.items(), key=lambda item: -item[1])[:15]
     return step_s, losses, {
-        "profile_kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
-        "profile_kernels": len(kernels),
-        "profile_copy_s": sum(e.time_range.elapsed_us() for e in copies) / 1e6,
-        "profile_kernel_groups_s": dict(sorted(groups.items(), key=lambda item: -item[1])),
+        "profile_kernel_s": sum(by_name.values()),
+        "profile_kernels": num_kernels,
+        "profile_copy_s": copy_s,
+        "profile_kernel_groups_s": group_times(by_name, KERNEL_GROUPS),
         "profile_top_kernels_s": [[name[:120], seconds] for name, seconds in top],
     }
 
@@ -175,15 +160,6 @@ KERNEL_GROUPS = [  # (group, name fragments), first match wins: bitsandbytes' ke
     ("fused (Inductor)", ("triton_",)),
     ("reduction", ("reduce", "norm", "softmax", "cross_entropy", "nll_loss")),
 ]
-
-
-def kernel_group(name: str) -> str:
-    """A profiled kernel's group by its name (KERNEL_GROUPS); "elementwise and other" for the rest."""
-    lowered = name.lower()
-    for group, fragments in KERNEL_GROUPS:
-        if any(fragment.lower() in lowered for fragment in fragments):
-            return group
-    return "elementwise and other"
 
 
 def run_ours(args, checkpointing: bool) -> dict:

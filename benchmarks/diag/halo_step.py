@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from benchmarks.kernels import group_times, profile_kernels
+
 KERNEL_GROUPS = [  # (group, lower-case name fragments); first match wins, FP8 before the other GEMMs
     ("gemm fp8", ("e4m3", "f8f8", "fp8", "_qqt", "f8_")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
@@ -34,14 +36,6 @@ KERNEL_GROUPS = [  # (group, lower-case name fragments); first match wins, FP8 b
     ("fused (Inductor)", ("triton_",)),
     ("reduction", ("reduce", "norm")),
 ]
-
-
-def kernel_group(name: str) -> str:
-    lowered = name.lower()
-    for group, fragments in KERNEL_GROUPS:
-        if any(fragment in lowered for fragment in fragments):
-            return group
-    return "elementwise and other"
 
 
 def build(args, variant: str):
@@ -69,22 +63,11 @@ def build(args, variant: str):
 
 
 def profile_step(trainer, top: int) -> dict:
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-        trainer.step()
-    events = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
-    kernels = [e for e in events if not e.name.startswith(("Memcpy", "Memset")) and not ("#" in e.name and "(" not in e.name)]
-    by_name: dict[str, float] = {}
-    for event in kernels:
-        by_name[event.name] = by_name.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e3
-    groups: dict[str, float] = {}
-    for name, ms in by_name.items():
-        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + ms
+    by_name_s, _, num_kernels = profile_kernels(trainer.step)
+    by_name = {name: seconds * 1e3 for name, seconds in by_name_s.items()}
     ranked = sorted(by_name.items(), key=lambda item: -item[1])
-    return {"kernel_ms": sum(by_name.values()), "kernels": len(kernels), "groups_ms": groups, "top": ranked[:top],
-            "all": ranked}
+    return {"kernel_ms": sum(by_name.values()), "kernels": num_kernels, "groups_ms": group_times(by_name, KERNEL_GROUPS),
+            "top": ranked[:top], "all": ranked}
 
 
 def main(argv: list[str] | None = None) -> int:

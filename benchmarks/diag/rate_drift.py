@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from fuyou.plan.probe import GiB, MiB, _aligned, cpu_rates_under_load
+from fuyou.plan.probe import GiB, MiB, _aligned, cpu_rates_under_load, duplex_pass
 
 
 def adam_samples(repeats: int) -> list[float]:
@@ -64,13 +64,9 @@ def disk_passes(directory: str, seconds: float, file_bytes: int = 4 * GiB, group
         k = 0
         while time.perf_counter() - start < seconds:
             source, target = handles[k % 2], handles[(k + 1) % 2]
-            pass_start = time.perf_counter()
-            for offset in offsets:
-                reading, writing = backend.read(source, ahead, offset), backend.write(target, behind, offset)
-                reading.result()
-                writing.result()
-            os.fsync(target.fd)
-            rows.append((pass_start - start, 2 * len(offsets) * group_bytes / (time.perf_counter() - pass_start) / 1e9))
+            pass_start = time.perf_counter() - start
+            seconds_pass = duplex_pass(backend, source, target, ahead, behind, offsets)
+            rows.append((pass_start, 2 * len(offsets) * group_bytes / seconds_pass / 1e9))
             k += 1
         for handle in handles:
             backend.close(handle)

@@ -273,6 +273,18 @@ def _aligned(num_bytes: int) -> torch.Tensor:
     return backing[offset:offset + num_bytes]
 
 
+def duplex_pass(backend, source, target, ahead: torch.Tensor, behind: torch.Tensor, offsets) -> float:
+    """Seconds for the optimizer's disk pattern over two open files: at each offset one group read from
+    `source` into `ahead` while `behind` is written to `target`, both in flight, group after group; then fsync."""
+    start_s = time.perf_counter()
+    for offset in offsets:
+        reading, writing = backend.read(source, ahead, offset), backend.write(target, behind, offset)
+        reading.result()
+        writing.result()
+    os.fsync(target.fd)
+    return time.perf_counter() - start_s
+
+
 def ssd_gbps(directory: str, file_bytes: int, chunk_bytes: int = 64 * MiB, group_bytes: int = 512 * MiB,
              passes: int = 3) -> tuple[float, float, float, bool]:
     """(write, read, duplex) GB/s under `directory` through offload's PosixBackend, and whether the I/O
@@ -321,18 +333,10 @@ def ssd_gbps(directory: str, file_bytes: int, chunk_bytes: int = 64 * MiB, group
         ahead, behind = _aligned(group_bytes), _aligned(group_bytes).fill_(7)
         group_offsets = range(0, file_bytes - group_bytes + 1, group_bytes)
 
-        def duplex_pass(source, target) -> float:
-            start_s = time.perf_counter()
-            for offset in group_offsets:
-                reading, writing = backend.read(source, ahead, offset), backend.write(target, behind, offset)
-                reading.result()
-                writing.result()
-            os.fsync(target.fd)
-            return time.perf_counter() - start_s
-
         # pass k reads the file pass k-1 wrote; pass 0 (reading the write test's file) is the warm-up. The
         # median, as for every rate the runtime meets beside other work (`_median_timed`).
-        duplex_s = statistics.median([duplex_pass(handles[k % 2], handles[(k + 1) % 2]) for k in range(passes + 1)][1:])
+        duplex_s = statistics.median([duplex_pass(backend, handles[k % 2], handles[(k + 1) % 2], ahead, behind, group_offsets)
+                                      for k in range(passes + 1)][1:])
         duplex_bytes = 2 * len(group_offsets) * group_bytes
         direct = handles[0].direct
     finally:
