@@ -59,26 +59,8 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
-def _timed(fn, repeats: int, synchronize=lambda: None) -> float:
-    """Seconds of the fastest of `repeats` calls of `fn`, after one warm-up call: the best run is the
-    machine's rate, slower ones measure whatever else shared it at the time."""
-    fn()
-    synchronize()
-    best_s = float("inf")
-    for _ in range(repeats):
-        start_s = time.perf_counter()
-        fn()
-        synchronize()
-        best_s = min(best_s, time.perf_counter() - start_s)
-    return best_s
-
-
-def _median_timed(fn, repeats: int, synchronize=lambda: None) -> float:
-    """Seconds of the median of `repeats` calls of `fn`, after one warm-up call: for rates under shared
-    load, which the runtime meets at their typical value, not at their best. On the H100 machine 40
-    samples of AdamW under the probe's load spread from 1.2 to 4.4 Gparam/s (median 2.8); the best of
-    the first three, 3.5, was what the probe used to take, and the runs of planner check 1 met 2.7-3.3
-    (RESULTS.md, issue 5; `benchmarks.diag.rate_drift`)."""
+def _samples(fn, repeats: int, synchronize) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn`, after one warm-up call."""
     fn()
     synchronize()
     samples = []
@@ -87,7 +69,22 @@ def _median_timed(fn, repeats: int, synchronize=lambda: None) -> float:
         fn()
         synchronize()
         samples.append(time.perf_counter() - start_s)
-    return statistics.median(samples)
+    return samples
+
+
+def _timed(fn, repeats: int, synchronize=lambda: None) -> float:
+    """Seconds of the fastest of `repeats` calls of `fn`, after one warm-up call: for a resource alone,
+    the best run is the machine's rate, slower ones measure whatever else shared it at the time."""
+    return min(_samples(fn, repeats, synchronize))
+
+
+def _median_timed(fn, repeats: int, synchronize=lambda: None) -> float:
+    """Seconds of the median of `repeats` calls of `fn`, after one warm-up call: for rates under shared
+    load, which the runtime meets at their typical value, not at their best. On the H100 machine 40
+    samples of AdamW under the probe's load spread from 1.2 to 4.4 Gparam/s (median 2.8); the best of
+    the first three, 3.5, was what the probe used to take, and the runs of planner check 1 met 2.7-3.3
+    (RESULTS.md, issue 5; `benchmarks.diag.rate_drift`)."""
+    return statistics.median(_samples(fn, repeats, synchronize))
 
 
 def gemm_tflops(n: int, device: str, dtype: torch.dtype, repeats: int) -> float:
