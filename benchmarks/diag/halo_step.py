@@ -11,7 +11,10 @@ Kernel time against the median step says how much of the step the GPU computes a
 
 `--foreach-adamw` swaps the trainer's torch AdamW (fused on CUDA since the reference adopted it) for the
 foreach one, torch's default on CUDA, with the same groups and hyper-parameters: what the optimizer costs
-each mode. `--kernels-json` writes every profiled kernel's total milliseconds per variant. Variants alternate in one process, so compare them within one run only.
+each mode. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
+64th row instead of the whole tensor, clamping what overflows: the quantizer's cast then waits on a reduction
+over 1/64 of the data, about what delayed scaling (last step's amax) would cost. A timing bound only, its
+numerics are not HALO's. `--kernels-json` writes every profiled kernel's total milliseconds per variant. Variants alternate in one process, so compare them within one run only.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import time
 
 import torch
 
+import quant.halo
 from benchmarks.kernels import group_times, profile_kernels
+
+_QUANTIZE_MATH = quant.halo._quantize_math
 
 KERNEL_GROUPS = [  # (group, lower-case name fragments); first match wins, FP8 before the other GEMMs
     ("gemm fp8", ("e4m3", "f8f8", "fp8", "_qqt", "f8_")),
@@ -36,6 +42,16 @@ KERNEL_GROUPS = [  # (group, lower-case name fragments); first match wins, FP8 b
     ("fused (Inductor)", ("triton_",)),
     ("reduction", ("reduce", "norm")),
 ]
+
+
+def _sampled_quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool):
+    """quant.halo._quantize_math with the amax of every 64th row (see the module docstring)."""
+    from quant.halo import FP8_DTYPE, FP8_MAX
+
+    amax = torch.linalg.vector_norm(x_RC[::64], float("inf")).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    x_fp8 = (x_RC.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return (x_fp8 if rows else None), (x_fp8.t().contiguous() if cols else None), scale
 
 
 def build(args, variant: str):
@@ -49,6 +65,9 @@ def build(args, variant: str):
         f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", "train.lr=1e-4", "seed=0",
         f"train.compile={'true' if args.compile else 'false'}",
     ]
+    variant, sampled = variant.removesuffix("-sampled"), variant.endswith("-sampled")
+    quant.halo._quantize_math = _sampled_quantize_math if sampled else _QUANTIZE_MATH
+    torch._dynamo.reset()  # variants alternate in one process: trace the quantizer each one uses afresh
     if variant.startswith("halo"):
         overrides += ["quant.mode=halo", f"quant.halo_level={int(variant[4:])}"]
     output = tempfile.mkdtemp(prefix="halo-step-")
