@@ -15,11 +15,12 @@ the backend chosen by `sdpa_kernel`, to show the choice survives compilation. Pr
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.compile_block import median_ms
 
 BACKENDS = {
     "default": None,  # whatever torch picks unasked: what the model runs
@@ -27,21 +28,6 @@ BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-
-
-def _time_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times_ms = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times_ms.append(start.elapsed_time(end))
-    return statistics.median(times_ms)
 
 
 def _attend(backend: SDPBackend | None):
@@ -88,8 +74,8 @@ def measure(shape: tuple[int, int, int, int], repeats: int) -> list[dict]:
                     t.grad = None
                 attend(*leaves).backward(grad_out)
 
-            fwd_ms = _time_ms(forward_only, repeats)
-            fwd_bwd_ms = _time_ms(forward_backward, repeats)
+            fwd_ms = median_ms(forward_only, repeats)
+            fwd_bwd_ms = median_ms(forward_backward, repeats)
             rows.append({
                 "shape": shape, "backend": name, "compiled": compiled, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
                 "fwd_tflops": forward_flops / fwd_ms / 1e9, "fwd_bwd_tflops": 3.5 * forward_flops / fwd_bwd_ms / 1e9,
