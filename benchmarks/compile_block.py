@@ -1,6 +1,7 @@
-"""One GPT-3 2.7B block, eager against `train.compile`: TFLOPS and fraction of the bf16 GEMM rate.
+"""One transformer block (GPT-3 2.7B by default), eager against `train.compile`: TFLOPS and fraction of the bf16 GEMM rate.
 
-    python -m benchmarks.compile_block [--batch 8 --batch 32] [--halo] [--json PATH]
+    python -m benchmarks.compile_block [--preset gpt3-2.7b] [--seq-len 2048] [--batch 8 --batch 32]
+                                       [--compiled-only] [--halo] [--json PATH]
 
 The block runs as runtime=fuyou runs it (fuyou.schedule): bf16 autocast on an fp32 residual stream,
 its weights two flat parts (bf16 matrices, fp32 norms and biases) sliced into views, called through
@@ -36,7 +37,6 @@ from fuyou.models.transformer import Block
 from fuyou.plan.cost_model import block_forward_flops
 from fuyou.runtime import model_layouts
 
-SEQ_LEN = 2048
 
 
 def median_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -87,8 +87,9 @@ class RuntimeBlock:
         return torch.autograd.grad(y_BSD, [x_leaf, *leaves], grad_BSD)
 
 
-def measure(name: str, block: Block, batch: int, repeats: int, flops_forward: float, compiled: bool, probe_style: bool = False) -> list[dict]:
-    x_BSD = torch.randn(batch, SEQ_LEN, block.attn_norm.weight.shape[0], device="cuda")
+def measure(name: str, block: Block, batch: int, seq_len: int, repeats: int, flops_forward: float, compiled: bool,
+            probe_style: bool = False) -> list[dict]:
+    x_BSD = torch.randn(batch, seq_len, block.attn_norm.weight.shape[0], device="cuda")
     grad_BSD = torch.randn_like(x_BSD)
     rows = []
     if probe_style:  # fuyou probe's block_efficiency: fp32 module, autocast casts the weights each call
@@ -117,7 +118,7 @@ def measure(name: str, block: Block, batch: int, repeats: int, flops_forward: fl
         torch.cuda.synchronize()
         first_s = time.perf_counter() - start_s  # the compile, for a compiled block
         ms = median_ms(fn, repeats)
-        rows.append(dict(variant=name, batch=batch, what=what, ms=ms, tflops=flops / (ms / 1e3) / 1e12, first_call_s=first_s))
+        rows.append(dict(variant=name, batch=batch, seq_len=seq_len, what=what, ms=ms, tflops=flops / (ms / 1e3) / 1e12, first_call_s=first_s))
         print(f"{name:16s} b{batch:<3d} {what:8s} {ms:8.2f} ms  {rows[-1]['tflops']:6.1f} TFLOPS  (first call {first_s:.1f} s)", flush=True)
     torch.cuda.empty_cache()  # the variant's tensors go with this frame; its cached blocks go now
     return rows
@@ -125,43 +126,49 @@ def measure(name: str, block: Block, batch: int, repeats: int, flops_forward: fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpt3-2.7b", help="model preset whose block is timed (default gpt3-2.7b)")
+    parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, action="append", default=[], help="micro-batch sizes (default 8 and 32)")
+    parser.add_argument("--compiled-only", action="store_true", help="only the compiled block (no eager rows)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--halo", action="store_true", help="also HALO level 0, eager and compiled (smallest batch)")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     batches = args.batch or [8, 32]
-    config = get_preset("gpt3-2.7b")
+    config = get_preset(args.preset)
     torch.manual_seed(0)
     block = Block(config)  # fp32 on the CPU; each variant takes its own copy in its own layout
     peak = gemm_tflops(8192)
     print(f"bf16 GEMM 8192^3: {peak:.1f} TFLOPS ({torch.cuda.get_device_name()}, torch {torch.__version__})", flush=True)
     rows = []
     for batch in batches:
-        flops_forward = block_forward_flops(config, batch, SEQ_LEN).forward
-        if batch == min(batches):
-            rows += measure("probe-eager", block, batch, args.repeats, flops_forward, compiled=False, probe_style=True)
-        rows += measure("eager", block, batch, args.repeats, flops_forward, compiled=False)
-        rows += measure("compiled", block, batch, args.repeats, flops_forward, compiled=True)
+        flops_forward = block_forward_flops(config, batch, args.seq_len).forward
+        if not args.compiled_only:
+            if batch == min(batches):
+                rows += measure("probe-eager", block, batch, args.seq_len, args.repeats, flops_forward, compiled=False, probe_style=True)
+            rows += measure("eager", block, batch, args.seq_len, args.repeats, flops_forward, compiled=False)
+        rows += measure("compiled", block, batch, args.seq_len, args.repeats, flops_forward, compiled=True)
     if args.halo:
         from quant.halo import apply_halo
 
         halo_block = copy.deepcopy(block)
         apply_halo(halo_block, level=0)
         batch = min(batches)
-        flops_forward = block_forward_flops(config, batch, SEQ_LEN).forward
-        rows += measure("halo0-eager", halo_block, batch, args.repeats, flops_forward, compiled=False)
-        rows += measure("halo0-compiled", halo_block, batch, args.repeats, flops_forward, compiled=True)
+        flops_forward = block_forward_flops(config, batch, args.seq_len).forward
+        rows += measure("halo0-eager", halo_block, batch, args.seq_len, args.repeats, flops_forward, compiled=False)
+        rows += measure("halo0-compiled", halo_block, batch, args.seq_len, args.repeats, flops_forward, compiled=True)
     for row in rows:
         row["fraction_of_gemm"] = row["tflops"] / peak
-    print(f"\n| variant | batch x 2048 | pass | ms | TFLOPS | / GEMM {peak:.0f} | first call s |")
+    print(f"\n{args.preset} block, sequence {args.seq_len}")
+    print(f"| variant | batch x {args.seq_len} | pass | ms | TFLOPS | / GEMM {peak:.0f} | first call s |")
     print("|---|---|---|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['variant']} | {row['batch']} | {row['what']} | {row['ms']:.2f} | {row['tflops']:.1f} | "
               f"{row['fraction_of_gemm']:.2f} | {row['first_call_s']:.1f} |")
     if args.json:
         result = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(), torch=torch.__version__,
-                      commit=os.environ.get("FUYOU_COMMIT", "unknown"), gemm_tflops=peak, seq_len=SEQ_LEN, rows=rows)
+                      commit=os.environ.get("FUYOU_COMMIT", "unknown"), gemm_tflops=peak, preset=args.preset,
+                      seq_len=args.seq_len, rows=rows)
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)
     return 0
