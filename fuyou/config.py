@@ -35,6 +35,7 @@ RUNTIMES = ("reference", "fuyou")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 PLACEMENTS = ("gpu", "cpu", "ssd")
+PARAM_PLACEMENTS = (*PLACEMENTS, "master")  # "master": streamed from the optimizer's fp32 masters (fuyou.runtime)
 ACTIVATION_PLACEMENTS = ("gpu", "cpu", "ssd", "none")
 NONE_IS_A_CHOICE = ("offload.activations",)  # optional keys whose value "none" is a choice, not null
 
@@ -114,7 +115,9 @@ class TrainSection:
 class OffloadConfig:
     """Placement of each state class and the memory caps (read by the Fuyou runtime).
 
-    `None` leaves the choice to the runtime's planner. Memory caps are in GiB.
+    `None` leaves the choice to the runtime's planner. Memory caps are in GiB. `params` "master" keeps
+    no compute-precision copy of the block weights: they stream from the fp32 masters of the optimizer
+    state (optimizer "cpu") and are cast on the GPU (fuyou.runtime's docstring weighs it against "cpu").
     `optimizer_cpu_blocks` (with optimizer "ssd"): blocks 0..k-1 and the embeddings/head keep their
     fp32 masters and moments in CPU RAM, the other blocks on the SSD (None: all on the SSD); the
     split that lets a model larger than RAM or disk alone fit both (fuyou.runtime.Placement says
@@ -223,9 +226,9 @@ class TrainConfig:
         if train.max_grad_norm is not None and not train.max_grad_norm > 0:
             raise ConfigError(f"train.max_grad_norm must be > 0 or null (no clipping), got {train.max_grad_norm}")
         offload = self.offload
-        for name in ("params", "optimizer"):
+        for name, choices in (("params", PARAM_PLACEMENTS), ("optimizer", PLACEMENTS)):
             if getattr(offload, name) is not None:
-                _choice(f"offload.{name}", getattr(offload, name), PLACEMENTS)
+                _choice(f"offload.{name}", getattr(offload, name), choices)
         if offload.activations is not None:
             _choice("offload.activations", offload.activations, ACTIVATION_PLACEMENTS)
         for name in ("gpu_memory_gb", "cpu_memory_gb"):

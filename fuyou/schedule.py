@@ -60,10 +60,14 @@ class WeightStream:
         fetch: j -> future of block j's weight parts on the compute device.
         release: (j, parts) -> None, once compute is done with them.
         depth: how many visits ahead to fetch (0: fetch on demand).
+        take: (j, fetched parts) -> the parts compute reads, called on the compute thread when the
+            visit comes (a cast of what was fetched, say); default: the fetched parts.
     """
 
-    def __init__(self, order: Sequence[int], fetch: Callable[[int], Future], release: Callable, depth: int) -> None:
+    def __init__(self, order: Sequence[int], fetch: Callable[[int], Future], release: Callable, depth: int,
+                 take: Callable[[int, list[torch.Tensor]], list[torch.Tensor]] | None = None) -> None:
         self.order, self._fetch, self.release, self.depth = list(order), fetch, release, depth
+        self._take = take or (lambda j, parts: parts)
         self._loads: dict[int, Future] = {}
         self._position = 0
         for position in range(min(depth, len(self.order))):  # prologue: the first d loads
@@ -82,7 +86,8 @@ class WeightStream:
             self._load(position + self.depth)
         parts = self._load(position).result()
         del self._loads[position]  # the future holds the weights: drop it, or every block stays alive
-        return self.order[position], parts
+        j = self.order[position]
+        return j, self._take(j, parts)
 
 
 def loss_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -167,7 +172,7 @@ class FuyouSchedule:
         return nullcontext() if self.tracer is None else self.tracer.span(kind, j)
 
     def _stream(self, order: Sequence[int]) -> WeightStream:
-        return WeightStream(order, self.weights.fetch, self.weights.release, self.depth)
+        return WeightStream(order, self.weights.fetch, self.weights.release, self.depth, self.weights.take)
 
     def _block(self, j: int, parts: list[torch.Tensor], x_BSD: torch.Tensor, *, output_unused: bool = False) -> torch.Tensor:
         """Block j on x_BSD with its streamed weights; `output_unused`: only for backprop (Block.forward)."""

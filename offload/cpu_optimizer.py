@@ -399,7 +399,8 @@ class OffloadedAdamW:
 
     def _take_state(self, group: _Group, name: str) -> Future:
         if group.tier is Tier.CPU:
-            return completed(self.store.home(name))
+            # Updated in place: first every move still reading it (a fetch of `master_rows`) must be done.
+            return completed(self.store.settled(name))
         if name not in self._prefetched:
             self._wait_for_ssd_writes(SSD_STATE_BUFFERS - 1)  # not read ahead: its buffer is the next one
         self._prefetch_state(name)
@@ -424,6 +425,15 @@ class OffloadedAdamW:
                 group.sumsq = None
 
         return self._worker.submit(task)
+
+    def master_rows(self, key: str) -> list[torch.Tensor]:
+        """Group `key`'s fp32 master weights in place (views of its state in CPU RAM, one per part), for a
+        caller that copies them out through the store between updates: the next update of the group
+        waits for those copies (the store's write-after-read order, taken in `_take_state`)."""
+        group = self.groups[key]
+        if group.tier is not Tier.CPU:
+            raise OffloadError(f"group {key!r} keeps its state on the {group.tier.value}; its masters are not in RAM")
+        return [self.store.home(part.name)[MASTER] for part in group.parts]
 
     def masters(self, key: str) -> list[torch.Tensor]:
         """Copies of group `key`'s fp32 master weights on the CPU, after every queued task."""

@@ -107,6 +107,25 @@ def test_swapping_internals_removes_recompute():
     assert none.hardware_flops - full.hardware_flops == pytest.approx(24 * 23 / 2 * fwd)  # x_j rebuilt from x_0
 
 
+def test_streaming_from_the_masters_trades_pcie_bytes_for_the_publish_pass_and_ram():
+    model = get_preset("gpt3-6.7b")
+    N, L, P_b = model.num_parameters(), model.num_layers, model.num_block_parameters()
+    home = Plan("cpu", "cpu", "cpu", micro_batch_size=40, grad_accum=1, seq_len=1024, prefetch_depth=2)
+    from_masters = home.replace(params="master")
+    hw = TESTBED.replace(cpu_memory_gbps=20.0)
+    a, b = predict(model, home, hw), predict(model, from_masters, hw)
+    # 4 B instead of 2 per weight for each of the 2L fetches (forward, backward) and the prologue's
+    assert b.pcie_bytes - a.pcie_bytes == pytest.approx((4 - 2) * P_b * (2 * L + 1), rel=1e-9)
+    # no (4 + 2) B/param cast into the weights' home after each block's update
+    assert a.optimizer_busy_s - b.optimizer_busy_s == pytest.approx(6 * L * P_b / 20e9, rel=1e-6)
+    assert a.cpu_peak_bytes - b.cpu_peak_bytes == 2 * L * P_b
+    size = cost_model.sizes(model, from_masters)
+    assert b.gpu_peak_bytes - a.gpu_peak_bytes == 3 * (4 - 2) * P_b + size.block_param_bytes  # fp32 in flight + the cast
+    with pytest.raises(ConfigError, match="needs optimizer cpu"):
+        from_masters.replace(optimizer="ssd")
+    assert N > 6.5e9
+
+
 def test_peak_memory_by_tier():
     model = get_preset("gpt3-13b")
     plan = Plan("ssd", "ssd", "cpu", micro_batch_size=4, grad_accum=1, seq_len=1024, prefetch_depth=1)

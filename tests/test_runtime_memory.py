@@ -34,19 +34,22 @@ from tests.test_runtime_parity import ODD_GPT, ODD_LLAMA, SCHEDULE, STEPS, step_
 TINY = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
 
 
-@pytest.mark.parametrize("preset, changes, optimizer_cpu_blocks, ring", [
-    pytest.param("tiny-llama", ODD_LLAMA, 1, 1, id="odd-llama-split1-ring1"),  # one buffer: backward waits for every update
-    pytest.param("tiny-gpt3", ODD_GPT, None, 2, id="odd-gpt-ssd-ring2"),
-    pytest.param("tiny-llama", {}, 0, 3, id="llama-split0-ring3"),
+@pytest.mark.parametrize("preset, changes, optimizer_cpu_blocks, ring, params", [
+    pytest.param("tiny-llama", ODD_LLAMA, 1, 1, "cpu", id="odd-llama-split1-ring1"),  # one buffer: backward waits for every update
+    pytest.param("tiny-gpt3", ODD_GPT, None, 2, "cpu", id="odd-gpt-ssd-ring2"),
+    pytest.param("tiny-llama", {}, 0, 3, "cpu", id="llama-split0-ring3"),
+    # weights streamed from the masters, which every update rewrites in place while fetches read them
+    pytest.param("tiny-llama", ODD_LLAMA, "in RAM", 1, "master", id="odd-llama-master-ring1"),
 ])
-def test_gradient_ring_matches_the_reference_every_step(preset, changes, optimizer_cpu_blocks, ring, tmp_path):
+def test_gradient_ring_matches_the_reference_every_step(preset, changes, optimizer_cpu_blocks, ring, params, tmp_path):
     config = get_preset(preset).replace(**changes)
     model = build_model(config, seed=0)
     data = step_data(config.vocab_size, 1)
     reference_model, fuyou_model = copy.deepcopy(model), copy.deepcopy(model)
     reference = ReferenceTrainer(reference_model, max_grad_norm=None, **SCHEDULE)
-    runtime = FuyouRuntime(fuyou_model, max_grad_norm=None, params="cpu", optimizer="ssd", activations="cpu",
-                           optimizer_cpu_blocks=optimizer_cpu_blocks, ssd_dir=str(tmp_path), prefetch_depth=2,
+    in_ram = optimizer_cpu_blocks == "in RAM"
+    runtime = FuyouRuntime(fuyou_model, max_grad_norm=None, params=params, optimizer="cpu" if in_ram else "ssd", activations="cpu",
+                           optimizer_cpu_blocks=None if in_ram else optimizer_cpu_blocks, ssd_dir=str(tmp_path), prefetch_depth=2,
                            gradient_ring=ring, **SCHEDULE)
     try:
         for batches in data:
@@ -207,6 +210,10 @@ def test_memory_need_counts_the_split_and_the_ring():
     saved = 14 * 12 * P_b + 4 * N - 2 * 4 * P_b - 3 * 12 * P_b
     assert whole.cpu_bytes - split.cpu_bytes == pytest.approx(saved, rel=1e-4)
     assert split.cpu_bytes < 112e9 and split.ssd_bytes < 55e9  # the GPU machine: 125 GB RAM, 64 GB disk
+    # Streaming from the masters keeps no bf16 copy of the blocks: 2 B less per block matrix weight
+    # (norms and biases, fp32 in both, are a rounding error here).
+    from_masters = memory_need(model, Placement("master", "cpu", "none"))
+    assert whole.cpu_bytes - from_masters.cpu_bytes == pytest.approx(2 * 32 * P_b, rel=1e-3)
 
 
 Usage = namedtuple("Usage", "total used free")
@@ -229,6 +236,8 @@ def test_check_names_the_short_resource_and_the_split_that_fits(monkeypatch, tmp
     assert check_fuyou_memory(model, Placement("cpu", "ssd", "cpu", suggested), str(tmp_path), **args).ssd_bytes < 62e9
     with pytest.raises(FuyouError, match="disk short by"):
         check_fuyou_memory(model, Placement("cpu", "ssd", "cpu", 0), str(tmp_path), **args)
+    with pytest.raises(FuyouError, match="set offload.params=cpu offload.optimizer=ssd offload.optimizer_cpu_blocks="):
+        check_fuyou_memory(model, Placement("master", "cpu", "cpu"), str(tmp_path), **args)  # its split needs weights of their own
     _machine(monkeypatch, ram_gb=60, disk_gb=40)
     with pytest.raises(FuyouError, match=r"no split of the optimizer state fits either: .* short by [\d.]+ GB of RAM"):
         check_fuyou_memory(model, Placement("cpu", "ssd", "cpu", 10), str(tmp_path), **args)

@@ -60,6 +60,9 @@ PLACEMENTS = [
     # the optimizer state split per group: block 0 and the outer group in RAM, blocks 1 and 2 on SSD
     pytest.param("tiny-llama", ODD_LLAMA, ("cpu", "ssd", "ssd", 1), 2, 2, id="odd-llama-cpu-split1-ssd"),
     pytest.param("tiny-gpt3", ODD_GPT, ("ssd", "ssd", "cpu", 2), 3, 1, id="odd-gpt-ssd-split2-cpu-ga3"),
+    # no weights of their own: every fetch copies the optimizer's fp32 masters
+    pytest.param("tiny-llama", ODD_LLAMA, ("master", "cpu", "cpu"), 2, 2, id="odd-llama-master-cpu-cpu"),
+    pytest.param("tiny-gpt3", {}, ("master", "cpu", "none"), 1, 1, id="gpt-master-cpu-none-ga1"),
 ]
 
 
@@ -130,6 +133,8 @@ def test_placement_rejects_an_optimizer_on_the_gpu():
         Placement(optimizer="gpu")
     with pytest.raises(ConfigError, match="offload.activations"):
         Placement(activations="disk")
+    with pytest.raises(ConfigError, match="offload.params=master .* set offload.optimizer=cpu"):
+        Placement(params="master", optimizer="ssd")
 
 
 def test_cli_trains_with_the_optimizer_on_ssd_and_removes_the_swap_file(tmp_path):
@@ -146,17 +151,19 @@ def test_cli_trains_with_the_optimizer_on_ssd_and_removes_the_swap_file(tmp_path
     assert not any(swap.iterdir())
 
 
-def test_bf16_on_the_cpu_tracks_the_reference(tmp_path):
+@pytest.mark.parametrize("placement", [("ssd", "ssd", "ssd"), ("master", "cpu", "cpu")], ids="-".join)
+def test_bf16_on_the_cpu_tracks_the_reference(placement, tmp_path):
     # CPU autocast runs the same bf16 path as the GPU: bf16 streamed matrices, fp32 norms, biases and
-    # residual stream, fp32 masters. Tolerance 1e-3 as on the GPU.
+    # residual stream, fp32 masters (with params "master", cast from them at each fetch). Tolerance 1e-3 as on the GPU.
     config = get_preset("tiny-llama")
     model = build_model(config, seed=0)
     generator = torch.Generator().manual_seed(3)
     data = [micro_batches(generator, config.vocab_size, 2, batch_size=4, seq_len=64) for _ in range(10)]
     schedule = dict(SCHEDULE, total_steps=10, max_grad_norm=1.0, precision="bf16")
     reference = ReferenceTrainer(copy.deepcopy(model), **schedule)
-    runtime = FuyouRuntime(copy.deepcopy(model), params="ssd", optimizer="ssd", activations="ssd", ssd_dir=str(tmp_path),
-                           micro_batch_tokens=4 * 64, **schedule)
+    params, optimizer, activations = placement
+    runtime = FuyouRuntime(copy.deepcopy(model), params=params, optimizer=optimizer, activations=activations,
+                           ssd_dir=str(tmp_path), micro_batch_tokens=4 * 64, **schedule)
     try:
         for batches in data:
             assert runtime.step(batches).loss == pytest.approx(reference.step(batches).loss, rel=1e-3)
@@ -165,7 +172,8 @@ def test_bf16_on_the_cpu_tracks_the_reference(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("placement", [("cpu", "cpu", "cpu"), ("gpu", "cpu", "gpu"), ("ssd", "ssd", "ssd")], ids="-".join)
+@pytest.mark.parametrize("placement", [("cpu", "cpu", "cpu"), ("gpu", "cpu", "gpu"), ("ssd", "ssd", "ssd"), ("master", "cpu", "cpu")],
+                         ids="-".join)
 def test_bf16_on_the_gpu_tracks_the_reference_for_50_steps(placement, tmp_path):
     config = get_preset("tiny-llama")
     model = build_model(config, seed=0)
@@ -187,7 +195,8 @@ def test_bf16_on_the_gpu_tracks_the_reference_for_50_steps(placement, tmp_path):
     print(f"bf16 {placement}: 50 steps, worst relative loss difference {worst:.2e}, update modes {sorted(set(runtime.update_modes))}")
 
 
-def test_steps_leave_no_tensors_behind(tmp_path):
+@pytest.mark.parametrize("params, optimizer", [("ssd", "ssd"), ("master", "cpu")])
+def test_steps_leave_no_tensors_behind(params, optimizer, tmp_path):
     # Moves are chains of futures; a reference cycle or a long-lived future holding a finished chain
     # keeps streamed weights, activations and gradients alive until the cyclic GC happens to run: on
     # the GPU that ran a 2.7B model out of its 24 GiB cap by step 2. With the cyclic GC off, the
@@ -195,7 +204,7 @@ def test_steps_leave_no_tensors_behind(tmp_path):
     config = get_preset("tiny-llama")
     model = build_model(config, seed=0)
     data = step_data(config.vocab_size, 2, steps=10)
-    runtime = FuyouRuntime(copy.deepcopy(model), max_grad_norm=1.0, params="ssd", optimizer="ssd", activations="ssd",
+    runtime = FuyouRuntime(copy.deepcopy(model), max_grad_norm=1.0, params=params, optimizer=optimizer, activations="ssd",
                            ssd_dir=str(tmp_path), micro_batch_tokens=2 * 24, **SCHEDULE)
     counts = []
     gc.collect()

@@ -36,7 +36,8 @@ the clip factor, priced at the probe's clipped rate where measured.
 
 The CPU worker (one thread, torch's kernels use the cores) does, per block and step:
     AdamW                      P_b / adam rate
-    publish: fp32 -> weights   (4 + b) P_b bytes / pass rate   (b compute bytes per weight)
+    publish: fp32 -> weights   (4 + b) P_b bytes / pass rate   (b compute bytes per weight; none with
+                               params "master", whose fetches move the 4 P_b fp32 masters instead of b P_b)
     micro-batches 2..A         one add each into the fp32 accumulator: 12 P_b bytes / pass rate
     norm, when A > 1           4 P_b bytes / pass rate (A = 1: the GPU takes it)
 with both rates as the probe measured them under the runtime's load (pinned block-sized groups while
@@ -195,7 +196,8 @@ def internals_elements_per_token(model: TransformerConfig) -> tuple[int, int]:
 class Sizes:
     """Byte sizes one step moves or holds."""
 
-    block_param_bytes: int  # P_b x compute bytes: one block's streamed weights
+    block_param_bytes: int  # P_b x compute bytes: one block's weights as compute reads them
+    block_fetch_bytes: int  # what one fetch of them moves: P_b x compute bytes, or 4 P_b from the masters
     block_grad_bytes: int  # 4 P_b: one block's fp32 gradient on its way to the CPU
     block_optimizer_bytes: int  # 12 P_b
     checkpoint_bytes: int  # x_j: T x D x 4 (fp32, see `sizes`)
@@ -211,6 +213,7 @@ def sizes(model: TransformerConfig, plan: Plan) -> Sizes:
     N = model.num_parameters()
     return Sizes(
         block_param_bytes=P_b * b,
+        block_fetch_bytes=P_b * (4 if plan.params == "master" else b),
         block_grad_bytes=4 * P_b,  # fp32: the runtime casts on the GPU before D2H
         block_optimizer_bytes=OPTIMIZER_BYTES_PER_PARAM * P_b,
         # The residual stream stays fp32 under bf16 autocast (fp32 embedding output, fp32 + bf16 adds), so
@@ -321,7 +324,7 @@ def forward_block_legs(model: TransformerConfig, plan: Plan, size: Sizes, j: int
     checkpoint_out = size.checkpoint_bytes if plan.swaps_checkpoints else 0
     return Legs(
         compute_flops=flops.forward,
-        h2d_bytes=size.block_param_bytes if plan.streams_params else 0,
+        h2d_bytes=size.block_fetch_bytes if plan.streams_params else 0,
         d2h_bytes=checkpoint_out + swapped_internals,
         ssd_read_bytes=size.block_param_bytes if plan.params == "ssd" else 0,
         ssd_write_bytes=(checkpoint_out if plan.activations == "ssd" else 0)
@@ -342,7 +345,7 @@ def backward_block_legs(model: TransformerConfig, plan: Plan, size: Sizes, j: in
     checkpoint_in = size.checkpoint_bytes if plan.swaps_checkpoints else 0
     legs = Legs(
         compute_flops=2 * flops.forward + recompute,
-        h2d_bytes=(size.block_param_bytes if plan.streams_params else 0) + checkpoint_in + swapped_internals,
+        h2d_bytes=(size.block_fetch_bytes if plan.streams_params else 0) + checkpoint_in + swapped_internals,
         ssd_read_bytes=(size.block_param_bytes if plan.params == "ssd" else 0)
         + (checkpoint_in if plan.activations == "ssd" else 0)
         + (swapped_internals if plan.internals_tier == "ssd" else 0),
@@ -370,7 +373,8 @@ def gradient_out_legs(model: TransformerConfig, plan: Plan, size: Sizes, k: int,
 
 def block_update_legs(model: TransformerConfig, plan: Plan, size: Sizes, j: int) -> Legs:
     """Block j's AdamW; its state moves through the SSD only when block j's state lives there."""
-    return _update_legs(plan, size.block_optimizer_bytes, size.block_param_bytes, model.num_block_parameters(),
+    published_bytes = 0 if plan.params == "master" else size.block_param_bytes  # from the masters: nothing to publish
+    return _update_legs(plan, size.block_optimizer_bytes, published_bytes, model.num_block_parameters(),
                         on_ssd=plan.optimizer_tier(j) == "ssd")
 
 
@@ -495,7 +499,7 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, *, 
                 for k in range(A)]
 
     # prologue (per micro-batch): block 0's weights must arrive before it computes (the next d overlap it)
-    first_load = Legs(h2d_bytes=size.block_param_bytes if plan.streams_params else 0,
+    first_load = Legs(h2d_bytes=size.block_fetch_bytes if plan.streams_params else 0,
                       ssd_read_bytes=size.block_param_bytes if plan.params == "ssd" else 0)
     prologue_s = A * leg_times(first_load, hardware).serial_s
     forward_s = sum(t.overlapped_s for t in forward_first) + (A - 1) * sum(t.overlapped_s for t in forward_rest)
@@ -567,13 +571,13 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_byte
     """(GPU, CPU, SSD) bytes at the step's peak (`gradient_ring`: as `predict`'s).
 
     GPU  `reserved_bytes` + outer group (fp32 weights and grads) + block weights (all L if resident, else the
-         block in use + d in flight) + one block's gradient + checkpoints (all L kept; or the two being
+         block in use + d in flight; from the masters these are fp32, plus the cast in use) + one block's gradient + checkpoints (all L kept; or the two being
          swapped) + the larger of: one block's recompute/backward working set, the head's logits working set.
     CPU  fp32 gradients: the accumulator (4 N), or with a ring of n buffers n x 4 x (largest group:
          max(P_b, outer)) + optimizer state of the groups in RAM (12 B/param: all N on "cpu"; with a split
          K, the outer group and K blocks) + SSD_GROUPS_IN_FLIGHT buffers of the largest group on the SSD
          (read ahead, in update, written behind; as fuyou.runtime.memory_need) + weights if on CPU (all; on
-         SSD: 2 staging blocks) + swapped activations on CPU (one micro-batch's) + 2 pinned gradient
+         SSD: 2 staging blocks; "master": none) + swapped activations on CPU (one micro-batch's) + 2 pinned gradient
          staging blocks when A > 1 (the first micro-batch's gradient lands in its accumulator or ring
          buffer directly) + building: the runtime builds the model one block at a time from "meta", one
          block's fp32 weights, their flat copy and the cast ((4 + 4 + b) P_b) beside the outer group's
@@ -584,7 +588,9 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_byte
     """
     L, T, b = model.num_layers, plan.micro_batch_tokens, plan.compute_bytes
     depth = plan.prefetch_depth
-    block_weights = L * size.block_param_bytes if plan.params == "gpu" else (depth + 1) * size.block_param_bytes
+    # streamed: the block in use and d in flight; from the masters, each lands in fp32 and is cast when used
+    block_weights = (L * size.block_param_bytes if plan.params == "gpu" else (depth + 1) * size.block_fetch_bytes
+                     + (size.block_param_bytes if plan.params == "master" else 0))
     checkpoints = {"gpu": L, "cpu": 2, "ssd": 2, "none": 2}[plan.activations] * size.checkpoint_bytes
     # working set of one block in backward: its recomputed internals, plus gradients of the largest
     # intermediate (F wide, 2F for SwiGLU's gate/up) and of the residual stream (x_j and dx_j)
@@ -610,7 +616,7 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_byte
     optimizer_cpu = OPTIMIZER_BYTES_PER_PARAM * (state_params["cpu"] + SSD_GROUPS_IN_FLIGHT * largest_on_ssd)
     gradients_cpu = (gradient_ring * GRAD_ACCUMULATOR_BYTES_PER_PARAM * max(P_b, size.outer_params) if gradient_ring
                      else GRAD_ACCUMULATOR_BYTES_PER_PARAM * N)
-    weights_cpu = {"gpu": 0, "cpu": L * size.block_param_bytes, "ssd": 2 * size.block_param_bytes}[plan.params]
+    weights_cpu = {"gpu": 0, "cpu": L * size.block_param_bytes, "ssd": 2 * size.block_param_bytes, "master": 0}[plan.params]
     activations_cpu = (L * size.checkpoint_bytes if plan.activations == "cpu" else 0) + (
         swapped_internals if plan.internals_tier == "cpu" else 0
     )

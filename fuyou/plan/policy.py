@@ -3,7 +3,8 @@ recomputed, and how a step is cut into micro-batches. The cost model prices a Pl
 
 Vocabulary (the runtime's, fuyou/runtime.py):
     params       the compute-precision copy of each block's weights that forward and backward stream:
-                 "gpu" resident, "cpu" or "ssd" streamed block by block.
+                 "gpu" resident, "cpu" or "ssd" streamed block by block; "master" no copy: the fp32
+                 masters (optimizer "cpu") streamed and cast on the GPU.
     optimizer    fp32 master weights + two AdamW moments (12 B/param); "cpu" or "ssd" (the optimizer
                  runs on the CPU, so never "gpu"). With "ssd", `optimizer_cpu_blocks` = K splits it per
                  group as the runtime does (`fuyou.runtime.Placement.optimizer_tier`): blocks 0..K-1 and
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from fuyou.errors import ConfigError
 
-PARAM_TIERS = ("gpu", "cpu", "ssd")
+PARAM_TIERS = ("gpu", "cpu", "ssd", "master")
 OPTIMIZER_TIERS = ("cpu", "ssd")
 ACTIVATION_TIERS = ("gpu", "cpu", "ssd", "none")
 INTERNAL_TIERS = ("cpu", "ssd")
@@ -79,6 +80,8 @@ class Plan:
         for key in ("prefetch_depth", "swapped_attention_blocks", "swapped_mlp_blocks"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"plan {key} must be >= 0, got {getattr(self, key)}")
+        if self.params == "master" and self.optimizer != "cpu":
+            raise ConfigError(f"plan params master streams the fp32 masters from CPU RAM; it needs optimizer cpu, got {self.optimizer!r}")
         if self.activations == "none" and (self.swapped_attention_blocks or self.swapped_mlp_blocks):
             raise ConfigError("plan activations=none recomputes every block input; it cannot also swap block internals")
         if self.optimizer_cpu_blocks is not None:
