@@ -8,9 +8,9 @@ One optimizer step, after the Fuyou paper (arXiv 2403.06504, sections 4.2-4.4):
     for k in micro-batches:
         forward   prologue:  load weights 0..d-1;  x_0 = embed(ids_k)
                   steady:    load weights j+d | save x_j (swap out) | x_{j+1} = block_j(x_j) | free weights j
-                  epilogue:  logits = head(x_L); loss; dloss/dx_L
-        backward  prologue:  load weights L-1..L-d and x_{L-1}
-                  steady:    load weights j-d | load x_{j-1} | recompute block_j from x_j (all but its
+                  epilogue:  backward's prologue: load weights L-1..L-d and x_{L-1} (behind the head)
+                             | logits = head(x_L); loss; dloss/dx_L
+        backward  steady:    load weights j-d | load x_{j-1} | recompute block_j from x_j (all but its
                              last GEMM, whose output backprop never reads: Block.forward), backprop |
                              free weights j | gradient of j -> CPU, accumulated; on the last k the CPU
                              optimizer updates block j while the device goes on with block j-1
@@ -199,9 +199,15 @@ class FuyouSchedule:
             labels_BS = batch.labels.to(self.device)
             last = k == K - 1
             activations = self.make_activations()
-            micro_loss, grad_BSD = self._forward(input_ids_BS, labels_BS, denominator, activations)
+            x_BSD = self._forward(input_ids_BS, activations)
+            # backward's prologue: its first weights and x_{L-1} move while the head computes
+            backward_weights = self._backward_prologue(activations)
+            with self._span("head", None):
+                micro_loss, grad_BSD = head_loss_backward(self.model.head, x_BSD, labels_BS, denominator,
+                                                          autocast=self.autocast, chunk_tokens=HEAD_CHUNK_TOKENS)
+            del x_BSD
             total_loss += micro_loss
-            self._backward(input_ids_BS, grad_BSD, activations, first=k == 0, last=last,
+            self._backward(input_ids_BS, grad_BSD, activations, backward_weights, first=k == 0, last=last,
                            update_now=last and speculate, lr=lr)
 
         total_loss = total_loss.item()
@@ -220,7 +226,8 @@ class FuyouSchedule:
 
     # ---- forward of micro-batch k ---------------------------------------------------------------
 
-    def _forward(self, input_ids_BS, labels_BS, denominator: int, activations: ActivationSwap) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, input_ids_BS, activations: ActivationSwap) -> torch.Tensor:
+        """The blocks' forward (no graph); returns x_L, the head's input."""
         L = self.num_layers
         with torch.no_grad():
             # prologue: the first d blocks' weights start moving while the embedding runs
@@ -235,24 +242,26 @@ class FuyouSchedule:
                 with self._span("forward", j):
                     x_BSD = self._block(j, parts, x_BSD)
                 weights.release(j, parts)
-        # epilogue: head and loss in chunks of HEAD_CHUNK_TOKENS tokens (read now: tests change it)
-        with self._span("head", None):
-            return head_loss_backward(self.model.head, x_BSD, labels_BS, denominator, autocast=self.autocast,
-                                      chunk_tokens=HEAD_CHUNK_TOKENS)
+        # epilogue (step()): backward's prologue, then the head and loss in chunks of HEAD_CHUNK_TOKENS tokens
+        return x_BSD
 
     # ---- backward of micro-batch k ----------------------------------------------------------------
 
-    def _backward(self, input_ids_BS, grad_BSD, activations: ActivationSwap, *, first: bool, last: bool,
-                  update_now: bool, lr: float) -> None:
+    def _backward_prologue(self, activations: ActivationSwap) -> WeightStream:
+        """Start moving backward's first weights (L-1..L-d) and x_{L-1}; returns backward's weight stream."""
         L = self.num_layers
         # Visit order of weights: each block once, in reverse; with recomputed inputs, block j's
         # input is first rebuilt from x_0 through blocks 0..j-1 (L(L-1)/2 extra block forwards).
         order = []
         for j in reversed(range(L)):
             order += (list(range(j)) if self.recompute_inputs else []) + [j]
-        # prologue: weights L-1..L-d and x_{L-1} start moving
         weights = self._stream(order)
         activations.prefetch(L - 1)
+        return weights
+
+    def _backward(self, input_ids_BS, grad_BSD, activations: ActivationSwap, weights: WeightStream, *, first: bool,
+                  last: bool, update_now: bool, lr: float) -> None:
+        L = self.num_layers
         # steady state: load weights j-d | load x_{j-1} | recompute and backprop block j | free weights j |
         # gradient of j -> CPU (and, on the last micro-batch, block j's update on the CPU)
         for j in reversed(range(L)):
