@@ -118,6 +118,9 @@ class OffloadConfig:
     `None` leaves the choice to the runtime's planner. Memory caps are in GiB. `params` "master" keeps
     no compute-precision copy of the block weights: they stream from the fp32 masters of the optimizer
     state (optimizer "cpu") and are cast on the GPU (fuyou.runtime's docstring weighs it against "cpu").
+    `outer_optimizer` "gpu": the embeddings, final norm and LM head (resident on the GPU in fp32) keep
+    their AdamW moments there and are updated there, not by the CPU optimizer: the step loses its serial
+    tail (their gradient out, update, weights back in) for 8 bytes per outer parameter of GPU memory.
     `optimizer_cpu_blocks` (with optimizer "ssd"): blocks 0..k-1 and the embeddings/head keep their
     fp32 masters and moments in CPU RAM, the other blocks on the SSD (None: all on the SSD); the
     split that lets a model larger than RAM or disk alone fit both (fuyou.runtime.Placement says
@@ -130,6 +133,7 @@ class OffloadConfig:
     optimizer: str | None = None
     activations: str | None = None
     optimizer_cpu_blocks: int | None = None
+    outer_optimizer: str = "cpu"
     gradient_ring: int = 4
     gpu_memory_gb: float | None = None
     cpu_memory_gb: float | None = None
@@ -231,6 +235,7 @@ class TrainConfig:
                 _choice(f"offload.{name}", getattr(offload, name), choices)
         if offload.activations is not None:
             _choice("offload.activations", offload.activations, ACTIVATION_PLACEMENTS)
+        _choice("offload.outer_optimizer", offload.outer_optimizer, ("cpu", "gpu"))
         for name in ("gpu_memory_gb", "cpu_memory_gb"):
             value = getattr(offload, name)
             if value is not None and not value > 0:

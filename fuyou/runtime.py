@@ -20,6 +20,11 @@ Placement (`Placement`): each state class on "gpu", "cpu" or "ssd".
     activations  each block's checkpointed input between forward and backward: "gpu" kept on the
                  compute device, "cpu"/"ssd" swapped out and back ahead of backward, "none" nothing
                  kept but the embedding output (x_0): backward recomputes every block input from it.
+    outer_optimizer  where the outer group (embeddings, final norm, LM head; resident on the compute
+                 device in fp32) keeps its AdamW moments and is updated: "cpu" with the blocks (the
+                 CPU optimizer, on `optimizer`'s tier), or "gpu" beside its weights on the compute
+                 device (offload.resident_optimizer: no gradient out, update and weights back in as
+                 the serial tail of every step, for 8 B/param of GPU memory).
 
 State layout (what a checkpoint must hold; SIGKILL-safe resume is a later issue). Groups are "outer"
 (embedding, position embedding, final norm, LM head: every parameter outside `blocks`) and
@@ -29,11 +34,15 @@ State layout (what a checkpoint must hold; SIGKILL-safe resume is a later issue)
 (`FlatLayout` gives names, shapes and offsets.) In the store:
     optim.{group}.{part}         fp32 [3, n]: master weight, exp_avg, exp_avg_sq, on the group's
                                  optimizer tier: `optimizer_tier(group)`, CPU or SSD per group
+                                 (with outer_optimizer "gpu", the outer group's moments are
+                                 `FuyouRuntime.resident_outer.moments`, fp32 [2, n] on the device,
+                                 and its masters the resident weights)
     param.block.{j}.{part}       part 0 in the compute dtype (bf16 or fp32), part 1 fp32, [n]
                                  (params tier; derived from the master, need not be saved; none with
                                  params "master")
     the outer group's weights    fp32 on the compute device (the model's own parameters)
-    Adam step count              per group (`OffloadedAdamW.groups[g].step`), equal at step boundaries
+    Adam step count              per group (`OffloadedAdamW.groups[g].step`, `ResidentAdamW.step_count`),
+                                 equal at step boundaries
     step index                   `FuyouRuntime.step_index` (drives the LR schedule)
 A checkpoint is therefore: the masters and moments of every (group, part), the step count and the
 step index; the data position and RNG belong to the trainer.
@@ -65,14 +74,16 @@ from fuyou.reference import StepResult
 from fuyou.schedule import FuyouSchedule
 from offload import GiB, TieredStore
 from offload.activations import ActivationSwap
-from offload.cpu_optimizer import OffloadedAdamW
+from offload.cpu_optimizer import AdamWKernel, OffloadedAdamW
 from offload.futures import completed, gather, then
 from offload.pinned import round_up
+from offload.resident_optimizer import ResidentAdamW
 from offload.store import Tier
 
 STATE_PLACEMENTS = ("gpu", "cpu", "ssd")
 PARAM_PLACEMENTS = (*STATE_PLACEMENTS, "master")
 ACTIVATION_PLACEMENTS = ("gpu", "cpu", "ssd", "none")
+OUTER_OPTIMIZER_PLACEMENTS = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class Placement:
     optimizer: str = "cpu"
     activations: str = "cpu"
     optimizer_cpu_blocks: int | None = None
+    outer_optimizer: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.params not in PARAM_PLACEMENTS:
@@ -96,6 +108,8 @@ class Placement:
             )
         if self.activations not in ACTIVATION_PLACEMENTS:
             raise ConfigError(f"offload.activations must be one of {', '.join(ACTIVATION_PLACEMENTS)}; got {self.activations!r}")
+        if self.outer_optimizer not in OUTER_OPTIMIZER_PLACEMENTS:
+            raise ConfigError(f"offload.outer_optimizer must be one of {', '.join(OUTER_OPTIMIZER_PLACEMENTS)}; got {self.outer_optimizer!r}")
         if self.optimizer_cpu_blocks is not None:
             if self.optimizer != "ssd":
                 raise ConfigError(
@@ -112,6 +126,7 @@ class Placement:
     def optimizer_tier(self, group: str) -> str:
         """Where group "outer" or "block.{j}" keeps its fp32 masters and moments: "cpu" or "ssd".
 
+        (The outer group's with outer_optimizer "gpu" is on the compute device instead.)
         With a split (`optimizer_cpu_blocks` = k) the outer group and blocks 0..k-1 stay in RAM and
         blocks k..L-1 go to the SSD. Why those: backward updates blocks L-1 down to 0, then the outer
         group, and the next step's forward needs the outer group and block 0 first. With the SSD
@@ -279,14 +294,20 @@ class BlockWeights:
         if to_free:
             done.add_done_callback(lambda _: [self.store.free(buffer) for buffer in to_free])
 
-    def offload_outer_grads(self, parameters: list[torch.nn.Parameter]) -> None:
-        """The resident parameters' step gradient (accumulated in .grad) to the CPU; clears .grad."""
+    @staticmethod
+    def take_outer_grads(parameters: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """The resident parameters' step gradient (accumulated in .grad) as the outer group's two flat
+        parts (`split_parts`: decayed, then not), on the compute device; clears .grad."""
         decayed = [p for p in parameters if p.ndim >= 2]
         exempt = [p for p in parameters if p.ndim < 2]
         grads = [torch.cat([p.grad.reshape(-1) for p in group]) for group in (decayed, exempt)]
         for p in parameters:
             p.grad = None
-        self.offload_grads("outer", grads, first=True, last=True)
+        return grads
+
+    def offload_outer_grads(self, parameters: list[torch.nn.Parameter]) -> None:
+        """The resident parameters' step gradient to the CPU optimizer's "outer" group; clears .grad."""
+        self.offload_grads("outer", self.take_outer_grads(parameters), first=True, last=True)
 
 
 def model_layouts(model) -> tuple[list[list[FlatLayout]], list[FlatLayout]]:
@@ -323,7 +344,8 @@ def memory_need(model, placement: Placement, *, block_dtype: torch.dtype = torch
                 activation_numel: int = 0, built_whole: bool = False) -> MemoryNeed:
     """Bytes per tier for `model` (any device, "meta" too) placed as `placement`.
 
-    CPU: the optimizer state of the groups on "cpu" (12 B/param) and SSD_GROUPS_IN_FLIGHT of the
+    CPU: the optimizer state of the groups on "cpu" (12 B/param; the outer group's only with
+    outer_optimizer "cpu") and SSD_GROUPS_IN_FLIGHT of the
     largest SSD group's; streamed weights on "cpu" (compute dtype for matrices, fp32 for the rest);
     fp32 gradients (4 B for every parameter, or `gradient_ring` largest-group buffers); activations on
     "cpu" (each block's fp32 input, `activation_numel` = B x S x D elements); and building: one block
@@ -337,7 +359,9 @@ def memory_need(model, placement: Placement, *, block_dtype: torch.dtype = torch
     Those extents are all the same size, so any freed one fits the next: no headroom beyond that.
     """
     layouts, outer_layout = model_layouts(model)
-    groups = {f"block.{j}": parts for j, parts in enumerate(layouts)} | {"outer": outer_layout}
+    groups = {f"block.{j}": parts for j, parts in enumerate(layouts)}
+    if placement.outer_optimizer == "cpu":  # else its state and gradient stay on the compute device
+        groups["outer"] = outer_layout
     cpu_bytes = ssd_bytes = 0
     ssd_group_bytes = [0]
     for key, parts in groups.items():
@@ -417,7 +441,7 @@ def check_fuyou_memory(model, placement: Placement, ssd_dir: str | None, **need_
     # The fix: split the optimizer state per block between RAM and the SSD, as much in RAM as fits
     # (weights streamed from the masters need them in RAM: those get a copy of their own in RAM).
     params = "cpu" if placement.params == "master" else placement.params
-    splits = {k: Placement(params, "ssd", placement.activations, k) for k in range(len(model.blocks) + 1)}
+    splits = {k: Placement(params, "ssd", placement.activations, k, placement.outer_optimizer) for k in range(len(model.blocks) + 1)}
     shortfalls = {k: shortfall(memory_need(model, split, **need_args)) for k, split in splits.items()}
     fitting = [k for k, missing in shortfalls.items() if not any(missing)]
     if fitting:
@@ -446,7 +470,7 @@ class FuyouRuntime:
         device: the compute device ("cuda" or "cpu").
         lr, warmup_steps, total_steps, min_lr_ratio, weight_decay, betas, eps, max_grad_norm, precision:
             as `ReferenceTrainer`.
-        params, optimizer, activations, optimizer_cpu_blocks: the placement (see module docstring).
+        params, optimizer, activations, optimizer_cpu_blocks, outer_optimizer: the placement (see module docstring).
         gpu_memory_gb, cpu_memory_gb: caps on GPU memory and the pinned CPU pool (None: no cap).
         ssd_dir: directory for the swap file; None: a temporary directory, removed by `close()`.
         prefetch_depth: blocks fetched ahead of compute.
@@ -472,11 +496,12 @@ class FuyouRuntime:
                  min_lr_ratio: float = 0.1, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, max_grad_norm: float | None = None, precision: str = "fp32",
                  params: str = "cpu", optimizer: str = "cpu", activations: str = "cpu", optimizer_cpu_blocks: int | None = None,
+                 outer_optimizer: str = "cpu",
                  gpu_memory_gb: float | None = None, cpu_memory_gb: float | None = None, ssd_dir: str | None = None,
                  prefetch_depth: int = 1, micro_batch_tokens: int = 0, optimizer_kernel: str = "torch",
                  gradient_ring: int = 0, initializer: Callable | None = None, compile_blocks: bool = False) -> None:
         assert precision in ("fp32", "bf16"), precision
-        self.placement = Placement(params, optimizer, activations, optimizer_cpu_blocks)
+        self.placement = Placement(params, optimizer, activations, optimizer_cpu_blocks, outer_optimizer)
         num_layers = len(model.blocks)
         if optimizer_cpu_blocks is not None and optimizer_cpu_blocks > num_layers:
             raise ConfigError(f"offload.optimizer_cpu_blocks={optimizer_cpu_blocks} but the model has {num_layers} blocks; use 0 to {num_layers}")
@@ -544,7 +569,14 @@ class FuyouRuntime:
                 piece.to("meta")
             outer_named = [(n, p) for n, p in model.named_parameters() if not n.startswith("blocks.")]
             self._make_outer_resident(outer_named, outer_layout)
-            self.optimizer.add_group("outer", self._outer_flat, decays, self._publish_outer, tier=self.placement.optimizer_tier("outer"))
+            self.resident_outer = None
+            if outer_optimizer == "gpu":
+                # torch's fused AdamW: it runs on the device (DeepSpeed's kernel is CPU-only)
+                self.resident_outer = ResidentAdamW(self.store, self._outer_flat, decays, compute_tier,
+                                                    AdamWKernel("torch", betas=betas, eps=eps))
+            else:
+                self.optimizer.add_group("outer", self._outer_flat, decays, self._publish_outer,
+                                         tier=self.placement.optimizer_tier("outer"))
         except BaseException:
             self.close()
             raise
@@ -554,7 +586,7 @@ class FuyouRuntime:
             model, self.weights, self.optimizer,
             lambda: ActivationSwap(self.store, activation_tier, compute_tier, keep=activations in ("gpu", "none")),
             recompute_inputs=activations == "none", device=self.device, bf16=precision == "bf16", prefetch_depth=prefetch_depth,
-            compile_blocks=compile_blocks,
+            compile_blocks=compile_blocks, resident_outer=self.resident_outer,
         )
 
     def _make_outer_resident(self, outer_named, outer_layout) -> None:
@@ -599,7 +631,8 @@ class FuyouRuntime:
 
     def sync_model(self) -> None:
         """Write the trained fp32 weights into `model` (blocks back on the CPU) after pending updates."""
-        self.optimizer.ready("outer").result()
+        if self.resident_outer is None:
+            self.optimizer.ready("outer").result()
         for j, block in enumerate(self.model.blocks):
             if block.attn_norm.weight.is_meta:
                 block.to_empty(device="cpu")

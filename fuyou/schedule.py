@@ -15,6 +15,7 @@ One optimizer step, after the Fuyou paper (arXiv 2403.06504, sections 4.2-4.4):
                              free weights j | gradient of j -> CPU, accumulated; on the last k the CPU
                              optimizer updates block j while the device goes on with block j-1
                   epilogue:  backprop through embed; embedding/head gradients -> CPU, their update
+                             (outer_optimizer "gpu": they stay, updated on the device once c is known)
     after the last k: global gradient norm -> clip factor c; then (see "Clipping") the updates or
     fix-ups that still have to run are queued in forward order, and the next step's forward of block j
     waits only for block j's update, so those updates overlap the next forward.
@@ -37,6 +38,7 @@ fp32 for the whole step (as the reference sees them under autocast); their `.gra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
@@ -140,7 +142,8 @@ class FuyouSchedule:
         model: the `Transformer`; its embedding/final norm/head parameters are resident on the
             compute device, its blocks are templates (on "meta") called with streamed weights.
         weights: the runtime's `BlockWeights` (fetch, release, views, offload_grads).
-        optimizer: `offload.cpu_optimizer.OffloadedAdamW` with groups "outer" and "block.{j}".
+        optimizer: `offload.cpu_optimizer.OffloadedAdamW` with groups "block.{j}" and, unless
+            `resident_outer` updates it on the device, "outer".
         make_activations: () -> a fresh `ActivationSwap` for one micro-batch.
         recompute_inputs: activations "none": keep only x_0 and recompute x_j in backward from it.
         device: the compute device.
@@ -148,12 +151,16 @@ class FuyouSchedule:
         prefetch_depth: d.
         compile_blocks: run every block (forward, recompute, backward) through one torch.compile'd
             function of x and the block's flat weight parts (fuyou.block_compile).
+        resident_outer: an `offload.resident_optimizer.ResidentAdamW` that updates the outer group on the
+            compute device once the clip factor is known (offload.outer_optimizer "gpu"), or None.
     """
 
     def __init__(self, model, weights, optimizer, make_activations: Callable[[], ActivationSwap], *,
                  recompute_inputs: bool, device: torch.device, bf16: bool, prefetch_depth: int,
-                 compile_blocks: bool = False) -> None:
-        self.model, self.weights, self.optimizer = model, weights, optimizer
+                 compile_blocks: bool = False, resident_outer=None) -> None:
+        self.model, self.weights, self.optimizer, self.resident_outer = model, weights, optimizer, resident_outer
+        self._outer_sumsq = 0.0  # the resident outer group's squared gradient norm, this step
+        self._outer_key = "outer" if resident_outer is None else None  # the CPU optimizer's outer group, if it has one
         self.make_activations, self.recompute_inputs = make_activations, recompute_inputs
         self.device, self.bf16, self.depth = device, bf16, prefetch_depth
         self.num_layers = len(model.blocks)
@@ -192,7 +199,6 @@ class FuyouSchedule:
         """
         L, K = self.num_layers, len(micro_batches)
         denominator = max(1, sum(batch.num_target_tokens for batch in micro_batches))
-        self.optimizer.ready("outer").result()  # embedding and head hold the last update
         total_loss = torch.zeros((), device=self.device)
         for k, batch in enumerate(micro_batches):
             input_ids_BS = batch.input_ids.to(self.device)
@@ -211,10 +217,13 @@ class FuyouSchedule:
                            update_now=last and speculate, lr=lr)
 
         total_loss = total_loss.item()
-        grad_norm = self.optimizer.grad_norm()
+        grad_norm = math.sqrt(self.optimizer.grad_sumsq() + self._outer_sumsq)
         clip = 1.0 if max_grad_norm is None else min(1.0, max_grad_norm / (grad_norm + 1e-6))
+        if self.resident_outer is not None:
+            # Exact at once (the clip is known): a few ms on the device, ahead of the next forward's embedding.
+            self.resident_outer.update(lr=lr, clip=clip)
         # Forward order, so the next step's forward of block j waits only for block j's update.
-        order = ["outer"] + [f"block.{j}" for j in range(L)]
+        order = ([self._outer_key] if self._outer_key else []) + [f"block.{j}" for j in range(L)]
         for index, key in enumerate(order):
             next_key = order[index + 1] if index + 1 < len(order) else None
             if not speculate:
@@ -230,8 +239,11 @@ class FuyouSchedule:
         """The blocks' forward (no graph); returns x_L, the head's input."""
         L = self.num_layers
         with torch.no_grad():
-            # prologue: the first d blocks' weights start moving while the embedding runs
+            # prologue: the first d blocks' weights start moving (each once its update is done) while
+            # the embedding and head wait for theirs (through the CPU optimizer) and the embedding runs
             weights = self._stream(range(L))
+            if self.resident_outer is None:
+                self.optimizer.ready("outer").result()
             with self.autocast():
                 x_BSD = self.model.embed(input_ids_BS)
             # steady state: load weights j+d | save x_j | compute block j | free weights j
@@ -281,7 +293,7 @@ class FuyouSchedule:
                 activations.drop(j, x_in_BSD)
             self.weights.offload_grads(f"block.{j}", grad_parts, first=first, last=last)
             if update_now:
-                self.optimizer.update(f"block.{j}", lr=lr, next_key=f"block.{j - 1}" if j > 0 else "outer")
+                self.optimizer.update(f"block.{j}", lr=lr, next_key=f"block.{j - 1}" if j > 0 else self._outer_key)
             grad_BSD = grad_in_BSD
         # epilogue: through the embedding; the resident parameters' gradients go to the CPU once per step
         with self.autocast():
@@ -290,11 +302,17 @@ class FuyouSchedule:
         if self.recompute_inputs:
             activations.drop(0, activations.load(0))
         if last:
-            self.weights.offload_outer_grads(self.outer_parameters)
+            if self.resident_outer is not None:
+                self._outer_sumsq = self.resident_outer.take_gradients(self.weights.take_outer_grads(self.outer_parameters))
+            else:
+                self.weights.offload_outer_grads(self.outer_parameters)
             if update_now:
                 # Read ahead: block L-1 is the next step's first update; its state (if on SSD) streams
                 # in during that step's forward instead of after its first backward block.
-                self.optimizer.update("outer", lr=lr, next_key=f"block.{L - 1}")
+                if self.resident_outer is not None:
+                    self.optimizer.read_ahead(f"block.{L - 1}")
+                else:
+                    self.optimizer.update("outer", lr=lr, next_key=f"block.{L - 1}")
 
     def _rebuild_input(self, j: int, weights: WeightStream, activations: ActivationSwap) -> torch.Tensor:
         """x_j: loaded from its checkpoint, or recomputed from x_0 (activations "none")."""

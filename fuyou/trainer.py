@@ -473,7 +473,8 @@ def _check_memory(num_parameters: int, device: torch.device, bytes_per_param: in
 def _warn_ignored_offload_keys(config: TrainConfig) -> None:
     """Streamed QLoRA reads offload.gpu_memory_gb, cpu_memory_gb and prefetch_depth; it places nothing else."""
     offload, defaults = config.offload, type(config.offload)()
-    ignored = [f"offload.{name}" for name in ("params", "optimizer", "activations", "ssd_dir", "optimizer_cpu_blocks", "gradient_ring")
+    ignored = [f"offload.{name}" for name in ("params", "optimizer", "activations", "ssd_dir", "optimizer_cpu_blocks", "gradient_ring",
+                                              "outer_optimizer")
                if getattr(offload, name) != getattr(defaults, name)]
     if ignored:
         warnings.warn(f"{', '.join(ignored)} ignored by quant.stream, which keeps NF4 blocks in pinned CPU memory "
@@ -489,6 +490,7 @@ def _fuyou_placement(config: TrainConfig) -> Placement:
         optimizer=offload.optimizer or ("ssd" if split else defaults.optimizer),
         activations=offload.activations or defaults.activations,
         optimizer_cpu_blocks=offload.optimizer_cpu_blocks,
+        outer_optimizer=offload.outer_optimizer,
     )
 
 

@@ -116,11 +116,13 @@ class AdamWKernel:
                 master, grad, exp_avg, exp_avg_sq,
             )
             return
-        step_tensor = torch.tensor(float(step))
+        device = master.device  # CPU here; the compute device for offload.resident_optimizer
+        step_tensor = torch.tensor(float(step), device=device)
         torch._fused_adamw_(
             [master], [grad], [exp_avg], [exp_avg_sq], [], [step_tensor],
             lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=self.eps, amsgrad=False, maximize=False,
-            **({} if clip == 1.0 else {"grad_scale": torch.tensor(1.0 / clip), "found_inf": torch.tensor(0.0)}),
+            **({} if clip == 1.0 else {"grad_scale": torch.tensor(1.0 / clip, device=device),
+                                       "found_inf": torch.tensor(0.0, device=device)}),
         )
 
 
@@ -307,9 +309,28 @@ class OffloadedAdamW:
             group.sumsq = future
         return future
 
+    def grad_sumsq(self) -> float:
+        """The squared global L2 norm of the step's accumulated gradient (waits for every group's last accumulation)."""
+        return sum(group.sumsq.result() for group in self.groups.values())
+
     def grad_norm(self) -> float:
         """The global L2 norm of the step's accumulated gradient (waits for every group's last accumulation)."""
-        return math.sqrt(sum(group.sumsq.result() for group in self.groups.values()))
+        return math.sqrt(self.grad_sumsq())
+
+    def read_ahead(self, key: str) -> None:
+        """Start reading group `key`'s state from the SSD now, behind the queued tasks (no-op for a group in RAM).
+
+        What `update(..., next_key=key)` does for the group updated next, for a caller whose previous
+        update is not this optimizer's (the resident outer group, offload.resident_optimizer)."""
+        if self.groups[key].tier is not Tier.SSD:
+            return
+
+        def task() -> None:
+            self._wait_for_ssd_writes(SSD_STATE_BUFFERS - 2)
+            for part in self.groups[key].parts:
+                self._prefetch_state(part.name)
+
+        self._worker.submit(task)
 
     def update(self, key: str, *, lr: float, clip: float = 1.0, next_key: str | None = None) -> Future:
         """AdamW step of group `key` with its gradient scaled by `clip`; returns `ready(key)`.

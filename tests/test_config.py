@@ -56,7 +56,8 @@ def test_yaml_and_overrides(tmp_path):
         ("train.steps", ["not key=value"]),
         ("train.steps=0", ["train.steps must be >= 1"]),
         ("runtime=deepspeed", ["runtime must be one of"]),
-        ("offload.params=nvme", ["offload.params must be one of gpu, cpu, ssd"]),
+        ("offload.params=nvme", ["offload.params must be one of gpu, cpu, ssd, master"]),
+        ("offload.outer_optimizer=ssd", ["offload.outer_optimizer must be one of cpu, gpu"]),
         ("train.precision=fp8", ["train.precision must be one of"]),
     ],
 )

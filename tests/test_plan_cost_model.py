@@ -126,6 +126,18 @@ def test_streaming_from_the_masters_trades_pcie_bytes_for_the_publish_pass_and_r
     assert N > 6.5e9
 
 
+def test_the_outer_optimizer_on_the_gpu_removes_the_steps_serial_tail_for_its_moments():
+    model = get_preset("gpt3-6.7b")
+    plan = Plan("master", "cpu", "cpu", micro_batch_size=40, grad_accum=1, seq_len=1024, prefetch_depth=2)
+    on_cpu, on_gpu = predict(model, plan, TESTBED), predict(model, plan.replace(outer_optimizer="gpu"), TESTBED)
+    outer = model.num_parameters() - model.num_layers * model.num_block_parameters()
+    assert on_gpu.gpu_peak_bytes - on_cpu.gpu_peak_bytes == 8 * outer  # exp_avg, exp_avg_sq
+    assert on_cpu.cpu_peak_bytes - on_gpu.cpu_peak_bytes == 16 * outer  # state and gradient accumulator
+    assert on_gpu.epilogue_s < on_cpu.epilogue_s and on_gpu.forward_s == on_cpu.forward_s
+    assert "offload.outer_optimizer=gpu" in plan.replace(outer_optimizer="gpu").config_overrides()
+    assert not any("outer_optimizer" in override for override in plan.config_overrides())
+
+
 def test_peak_memory_by_tier():
     model = get_preset("gpt3-13b")
     plan = Plan("ssd", "ssd", "cpu", micro_batch_size=4, grad_accum=1, seq_len=1024, prefetch_depth=1)

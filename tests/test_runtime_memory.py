@@ -40,6 +40,8 @@ TINY = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
     pytest.param("tiny-llama", {}, 0, 3, "cpu", id="llama-split0-ring3"),
     # weights streamed from the masters, which every update rewrites in place while fetches read them
     pytest.param("tiny-llama", ODD_LLAMA, "in RAM", 1, "master", id="odd-llama-master-ring1"),
+    # and the outer group updated on the compute device: the ring serves the blocks only
+    pytest.param("tiny-gpt3", ODD_GPT, "in RAM, outer on the device", 2, "master", id="odd-gpt-master-outer-gpu-ring2"),
 ])
 def test_gradient_ring_matches_the_reference_every_step(preset, changes, optimizer_cpu_blocks, ring, params, tmp_path):
     config = get_preset(preset).replace(**changes)
@@ -47,10 +49,11 @@ def test_gradient_ring_matches_the_reference_every_step(preset, changes, optimiz
     data = step_data(config.vocab_size, 1)
     reference_model, fuyou_model = copy.deepcopy(model), copy.deepcopy(model)
     reference = ReferenceTrainer(reference_model, max_grad_norm=None, **SCHEDULE)
-    in_ram = optimizer_cpu_blocks == "in RAM"
+    in_ram = isinstance(optimizer_cpu_blocks, str) and optimizer_cpu_blocks.startswith("in RAM")
+    outer_optimizer = "gpu" if in_ram and optimizer_cpu_blocks.endswith("device") else "cpu"
     runtime = FuyouRuntime(fuyou_model, max_grad_norm=None, params=params, optimizer="cpu" if in_ram else "ssd", activations="cpu",
                            optimizer_cpu_blocks=None if in_ram else optimizer_cpu_blocks, ssd_dir=str(tmp_path), prefetch_depth=2,
-                           gradient_ring=ring, **SCHEDULE)
+                           gradient_ring=ring, outer_optimizer=outer_optimizer, **SCHEDULE)
     try:
         for batches in data:
             expected, got = reference.step(batches), runtime.step(batches)
@@ -214,6 +217,9 @@ def test_memory_need_counts_the_split_and_the_ring():
     # (norms and biases, fp32 in both, are a rounding error here).
     from_masters = memory_need(model, Placement("master", "cpu", "none"))
     assert whole.cpu_bytes - from_masters.cpu_bytes == pytest.approx(2 * 32 * P_b, rel=1e-3)
+    # The outer group updated on the device: neither its 12 B of state nor its 4 B of gradient in RAM.
+    outer_on_device = memory_need(model, Placement("cpu", "cpu", "none", outer_optimizer="gpu"))
+    assert whole.cpu_bytes - outer_on_device.cpu_bytes == pytest.approx(16 * outer, rel=1e-3)
 
 
 Usage = namedtuple("Usage", "total used free")

@@ -49,7 +49,8 @@ def median_unclipped_norm(model, data):
 
 
 PLACEMENTS = [
-    # preset, shape changes, (params, optimizer, activations[, optimizer_cpu_blocks]), grad_accum, prefetch depth
+    # preset, shape changes, (params, optimizer, activations[, optimizer_cpu_blocks[, outer_optimizer]]), grad_accum,
+    # prefetch depth
     pytest.param("tiny-llama", {}, ("cpu", "cpu", "cpu"), 2, 1, id="llama-cpu-cpu-cpu"),
     # grad_accum 1: gradients land in the accumulators and the compute device takes the norms
     pytest.param("tiny-gpt3", ODD_GPT, ("cpu", "ssd", "cpu"), 1, 2, id="odd-gpt-cpu-ssd-cpu-ga1"),
@@ -63,6 +64,9 @@ PLACEMENTS = [
     # no weights of their own: every fetch copies the optimizer's fp32 masters
     pytest.param("tiny-llama", ODD_LLAMA, ("master", "cpu", "cpu"), 2, 2, id="odd-llama-master-cpu-cpu"),
     pytest.param("tiny-gpt3", {}, ("master", "cpu", "none"), 1, 1, id="gpt-master-cpu-none-ga1"),
+    # the embeddings and head updated on the compute device, the blocks' state on the SSD or in RAM
+    pytest.param("tiny-llama", ODD_LLAMA, ("cpu", "ssd", "cpu", None, "gpu"), 2, 2, id="odd-llama-cpu-ssd-cpu-outer-gpu"),
+    pytest.param("tiny-gpt3", ODD_GPT, ("master", "cpu", "cpu", None, "gpu"), 1, 1, id="odd-gpt-master-outer-gpu-ga1"),
 ]
 
 
@@ -79,12 +83,15 @@ def test_fuyou_matches_the_reference_every_step(preset, changes, placement, grad
     max_grad_norm = median_unclipped_norm(model, data)
     reference_model, fuyou_model = copy.deepcopy(model), copy.deepcopy(model)
     reference = ReferenceTrainer(reference_model, max_grad_norm=max_grad_norm, **SCHEDULE)
-    params, optimizer, activations, *split = placement
+    params, optimizer, activations, *rest = placement
+    split = rest[:1] if rest and rest[0] is not None else []
+    outer_optimizer = rest[1] if len(rest) > 1 else "cpu"
     runtime = FuyouRuntime(
         fuyou_model, max_grad_norm=max_grad_norm, params=params, optimizer=optimizer, activations=activations,
-        optimizer_cpu_blocks=split[0] if split else None,
+        optimizer_cpu_blocks=split[0] if split else None, outer_optimizer=outer_optimizer,
         ssd_dir=str(tmp_path), prefetch_depth=depth, micro_batch_tokens=2 * 24, **SCHEDULE,
     )
+    assert ("outer" in runtime.optimizer.groups) == (outer_optimizer == "cpu")
     if split:
         tiers = {key: group.tier.value for key, group in runtime.optimizer.groups.items()}
         assert tiers == {"outer": "cpu"} | {f"block.{j}": "cpu" if j < split[0] else "ssd" for j in range(config.num_layers)}
@@ -135,6 +142,8 @@ def test_placement_rejects_an_optimizer_on_the_gpu():
         Placement(activations="disk")
     with pytest.raises(ConfigError, match="offload.params=master .* set offload.optimizer=cpu"):
         Placement(params="master", optimizer="ssd")
+    with pytest.raises(ConfigError, match="offload.outer_optimizer must be one of cpu, gpu"):
+        Placement(outer_optimizer="ssd")
 
 
 def test_cli_trains_with_the_optimizer_on_ssd_and_removes_the_swap_file(tmp_path):
@@ -172,8 +181,8 @@ def test_bf16_on_the_cpu_tracks_the_reference(placement, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("placement", [("cpu", "cpu", "cpu"), ("gpu", "cpu", "gpu"), ("ssd", "ssd", "ssd"), ("master", "cpu", "cpu")],
-                         ids="-".join)
+@pytest.mark.parametrize("placement", [("cpu", "cpu", "cpu"), ("gpu", "cpu", "gpu"), ("ssd", "ssd", "ssd"), ("master", "cpu", "cpu"),
+                                       ("master", "cpu", "cpu", "gpu")], ids="-".join)
 def test_bf16_on_the_gpu_tracks_the_reference_for_50_steps(placement, tmp_path):
     config = get_preset("tiny-llama")
     model = build_model(config, seed=0)
@@ -181,9 +190,9 @@ def test_bf16_on_the_gpu_tracks_the_reference_for_50_steps(placement, tmp_path):
     data = [micro_batches(generator, config.vocab_size, 2, batch_size=4, seq_len=64) for _ in range(50)]
     schedule = dict(SCHEDULE, total_steps=50, max_grad_norm=1.0, precision="bf16")
     reference = ReferenceTrainer(copy.deepcopy(model).cuda(), **schedule)
-    params, optimizer, activations = placement
+    params, optimizer, activations, *outer_optimizer = placement
     runtime = FuyouRuntime(copy.deepcopy(model), device="cuda", params=params, optimizer=optimizer, activations=activations,
-                           gpu_memory_gb=24, ssd_dir=str(tmp_path), micro_batch_tokens=4 * 64, **schedule)
+                           outer_optimizer=outer_optimizer[0] if outer_optimizer else "cpu", gpu_memory_gb=24, ssd_dir=str(tmp_path), micro_batch_tokens=4 * 64, **schedule)
     worst = 0.0
     try:
         for batches in data:

@@ -12,7 +12,9 @@ The schedule priced here (fuyou/schedule.py, after the Fuyou paper, arXiv 2403.0
     backward, per block j:  recompute + backprop block j  ||  H2D weights j-d and x_{j-1}  ||  D2H grads j
                             ||  CPU AdamW on block j+1 (last micro-batch)  ||  SSD optimizer state r/w
     epilogue:               block 0's and the outer group's (embeddings, head) gradients out, their
-                            updates, the outer weights back in: nothing left to overlap them with.
+                            updates, the outer weights back in: nothing left to overlap them with
+                            (outer_optimizer "gpu": only block 0's; the outer group's update on the
+                            GPU takes milliseconds and is not priced).
 Each stage's resources run concurrently, so a block's time is the max of its legs (compute, PCIe,
 SSD, CPU); a phase is L such steady-state block times; the prologue (first weights in) and the
 epilogue add on top. Iteration = A x (prologue + forward + head + backward) + epilogue.
@@ -96,6 +98,7 @@ GiB = 1 << 30
 OPTIMIZER_BYTES_PER_PARAM = STATE_BYTES_PER_PARAM  # fp32 master + exp_avg + exp_avg_sq
 GRAD_ACCUMULATOR_BYTES_PER_PARAM = GRAD_BYTES_PER_PARAM  # the runtime's fp32 gradient sum on the CPU
 OUTER_BYTES_PER_PARAM_ON_GPU = 8  # outer group (embeddings, head) resident in fp32, plus its fp32 .grad
+OUTER_MOMENTS_BYTES_PER_PARAM = 8  # with outer_optimizer "gpu": its exp_avg and exp_avg_sq there too
 # CUDA context (~0.3-0.5 GiB) plus allocator slack: the part of the GPU no tensor of ours can use.
 GPU_RESERVED_BYTES = 1 * GiB
 
@@ -514,6 +517,9 @@ def predict(model: TransformerConfig, plan: Plan, hardware: HardwareProfile, *, 
         plan.replace(params="cpu"), OPTIMIZER_BYTES_PER_PARAM * size.outer_params, 0, size.outer_params,
         on_ssd=plan.optimizer_tier(None) == "ssd",
     )
+    if plan.outer_optimizer == "gpu":
+        # updated beside its weights: 28 B/param of HBM traffic, ~2 ms for 0.2B parameters; not priced
+        outer = Legs()
     block_0 = out(A - 1, 0) + (updates[0] if deferred_updates else Legs())
     epilogue_s = (leg_times(block_0, hardware, clipped=deferred_updates).serial_s
                   + leg_times(outer, hardware, clipped=deferred_updates).serial_s)
@@ -570,7 +576,7 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_byte
                 gradient_ring: int = 0) -> tuple[int, int, int]:
     """(GPU, CPU, SSD) bytes at the step's peak (`gradient_ring`: as `predict`'s).
 
-    GPU  `reserved_bytes` + outer group (fp32 weights and grads) + block weights (all L if resident, else the
+    GPU  `reserved_bytes` + outer group (fp32 weights and grads; its moments with outer_optimizer "gpu") + block weights (all L if resident, else the
          block in use + d in flight; from the masters these are fp32, plus the cast in use) + one block's gradient + checkpoints (all L kept; or the two being
          swapped) + the larger of: one block's recompute/backward working set, the head's logits working set.
     CPU  fp32 gradients: the accumulator (4 N), or with a ring of n buffers n x 4 x (largest group:
@@ -599,7 +605,8 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_byte
     # the head, in chunks of HEAD_CHUNK_TOKENS: logits (compute dtype), their fp32 log-softmax for the
     # loss, and the logits' gradient
     head_working = min(T, HEAD_CHUNK_TOKENS) * model.vocab_size * (b + 4 + b)
-    gpu = (reserved_bytes + OUTER_BYTES_PER_PARAM_ON_GPU * size.outer_params + block_weights
+    outer_gpu_bytes_per_param = OUTER_BYTES_PER_PARAM_ON_GPU + (OUTER_MOMENTS_BYTES_PER_PARAM if plan.outer_optimizer == "gpu" else 0)
+    gpu = (reserved_bytes + outer_gpu_bytes_per_param * size.outer_params + block_weights
            + size.block_grad_bytes + checkpoints + max(block_working, head_working))
 
     swapped_internals = (plan.swapped_attention_blocks * size.attention_internals_bytes
@@ -608,14 +615,15 @@ def peak_memory(model: TransformerConfig, plan: Plan, size: Sizes, reserved_byte
     # parameters of each group by where its optimizer state lives (the outer group is block None)
     state_params = {"cpu": 0, "ssd": 0}
     largest_on_ssd = 0
-    for block, num_params in [(None, size.outer_params)] + [(j, P_b) for j in range(L)]:
+    outer_cpu_params = size.outer_params if plan.outer_optimizer == "cpu" else 0  # its state, and its gradient
+    for block, num_params in [(None, outer_cpu_params)] + [(j, P_b) for j in range(L)]:
         tier = plan.optimizer_tier(block)
         state_params[tier] += num_params
         if tier == "ssd":
             largest_on_ssd = max(largest_on_ssd, num_params)
     optimizer_cpu = OPTIMIZER_BYTES_PER_PARAM * (state_params["cpu"] + SSD_GROUPS_IN_FLIGHT * largest_on_ssd)
-    gradients_cpu = (gradient_ring * GRAD_ACCUMULATOR_BYTES_PER_PARAM * max(P_b, size.outer_params) if gradient_ring
-                     else GRAD_ACCUMULATOR_BYTES_PER_PARAM * N)
+    gradients_cpu = (gradient_ring * GRAD_ACCUMULATOR_BYTES_PER_PARAM * max(P_b, outer_cpu_params) if gradient_ring
+                     else GRAD_ACCUMULATOR_BYTES_PER_PARAM * (N - size.outer_params + outer_cpu_params))
     weights_cpu = {"gpu": 0, "cpu": L * size.block_param_bytes, "ssd": 2 * size.block_param_bytes, "master": 0}[plan.params]
     activations_cpu = (L * size.checkpoint_bytes if plan.activations == "cpu" else 0) + (
         swapped_internals if plan.internals_tier == "cpu" else 0

@@ -133,6 +133,7 @@ def choose_plan(
     precision: str = "bf16",
     swap_internals: bool = False,
     recompute_last_linear: bool = False,
+    outer_optimizer: str = "cpu",
     split_optimizer: bool = True,
     search_batch: bool = False,
     gradient_ring: int = 0,
@@ -152,6 +153,8 @@ def choose_plan(
         precision: "bf16" or "fp32".
         swap_internals: also swap block internals (Fuyou's policy; the runtime does not do this yet).
         recompute_last_linear: price whole-block recompute (other systems; `Plan.recompute_last_linear`).
+        outer_optimizer: the config's offload.outer_optimizer (not searched: it trades GPU memory for
+            the step's serial tail, and the config says which).
         split_optimizer: with optimizer "ssd" and no split given, also price splits of the state between
             RAM and the SSD; False keeps all of it on the SSD (as Fuyou runs it).
         search_batch: choose the step's batch too (powers of two up to `batch_size`).
@@ -180,7 +183,7 @@ def choose_plan(
     for batch in batches:
         candidates = []
         for base in _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision,
-                                optimizer_cpu_blocks, recompute_last_linear):
+                                optimizer_cpu_blocks, recompute_last_linear, outer_optimizer):
             ring = cost_model.gradient_ring_buffers(gradient_ring, base.grad_accum, clipping)
             fitting: list[Plan] = []
             for depth in depths:
@@ -232,7 +235,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size, precision, optimizer_cpu_blocks,
-                recompute_last_linear):
+                recompute_last_linear, outer_optimizer="cpu"):
     for p in [params] if params else ("gpu", "cpu", "ssd", "master"):
         for o in [optimizer] if optimizer else ("cpu", "ssd"):
             if p == "master" and o != "cpu":
@@ -243,7 +246,7 @@ def _candidates(batch, seq_len, params, optimizer, activations, micro_batch_size
                         yield Plan(params=p, optimizer=o, activations=a, micro_batch_size=micro,
                                    grad_accum=batch // micro, seq_len=seq_len, precision=precision,
                                    optimizer_cpu_blocks=optimizer_cpu_blocks,
-                                   recompute_last_linear=recompute_last_linear)
+                                   recompute_last_linear=recompute_last_linear, outer_optimizer=outer_optimizer)
 
 
 def _optimizer_splits(plan: Plan, num_layers: int, fixed: bool) -> list[list[Plan]]:

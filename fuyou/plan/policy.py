@@ -12,6 +12,8 @@ Vocabulary (the runtime's, fuyou/runtime.py):
                  None keeps every group, the outer one too, on the SSD.
     activations  each block's checkpointed input x_j between forward and backward: "gpu" kept, "cpu"/"ssd"
                  swapped out and back, "none" only x_0 kept (every x_j recomputed from it in backward).
+    outer_optimizer  the outer group's (embeddings, final norm, head; resident on the GPU) AdamW: "cpu" with
+                 the blocks, or "gpu" beside its weights (moments 8 B/param on the GPU, no serial tail).
     block internals (Fuyou's finer swapping, section 4.4 of the paper; not yet in the runtime): the
                  tensors autograd saves inside a block's attention or MLP half. Swapping a half's internals
                  spares its recompute in backward. `swapped_attention_blocks`/`swapped_mlp_blocks` count the
@@ -49,6 +51,7 @@ class Plan:
         optimizer_cpu_blocks: with optimizer "ssd", K: blocks 0..K-1 and the outer group keep their
             optimizer state in CPU RAM (module docstring); None: all of it on the SSD. At most L, which
             only the cost model knows (it checks).
+        outer_optimizer: where the outer group is updated, "cpu" or "gpu" (module docstring).
         recompute_last_linear: the recompute runs each block whole, its last GEMM included (torch's and
             DeepSpeed's activation checkpointing: to price other systems); False: runtime=fuyou's,
             which skips the down projection whose output backprop never reads.
@@ -67,11 +70,12 @@ class Plan:
     internals_tier: str = "cpu"
     optimizer_cpu_blocks: int | None = None
     recompute_last_linear: bool = False
+    outer_optimizer: str = "cpu"
 
     def __post_init__(self) -> None:
         for key, choices in (("params", PARAM_TIERS), ("optimizer", OPTIMIZER_TIERS),
                              ("activations", ACTIVATION_TIERS), ("internals_tier", INTERNAL_TIERS),
-                             ("precision", PRECISIONS)):
+                             ("precision", PRECISIONS), ("outer_optimizer", ("cpu", "gpu"))):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"plan {key} must be one of {', '.join(choices)}; got {getattr(self, key)!r}")
         for key in ("micro_batch_size", "grad_accum", "seq_len"):
@@ -138,7 +142,8 @@ class Plan:
             f"train.batch_size={self.micro_batch_size}",
             f"train.grad_accum={self.grad_accum}",
             f"train.seq_len={self.seq_len}",
-        ] + ([f"offload.optimizer_cpu_blocks={self.optimizer_cpu_blocks}"] if self.optimizer_cpu_blocks is not None else [])
+        ] + ([f"offload.optimizer_cpu_blocks={self.optimizer_cpu_blocks}"] if self.optimizer_cpu_blocks is not None else []) + (
+            [f"offload.outer_optimizer={self.outer_optimizer}"] if self.outer_optimizer != "cpu" else [])
 
     def describe(self) -> str:
         """One line, e.g. 'params cpu, optimizer ssd (blocks 0-15 in RAM), activations cpu, micro-batch 8 x 4, depth 1'."""
@@ -148,6 +153,8 @@ class Plan:
                           else " (embeddings/head in RAM)")
         text = (f"params {self.params}, optimizer {optimizer}, activations {self.activations}, "
                 f"micro-batch {self.micro_batch_size} x {self.grad_accum}, seq {self.seq_len}, depth {self.prefetch_depth}")
+        if self.outer_optimizer != "cpu":
+            text += f", outer optimizer {self.outer_optimizer}"
         if self.swapped_attention_blocks or self.swapped_mlp_blocks:
             text += (f", swapped internals attn {self.swapped_attention_blocks} / mlp {self.swapped_mlp_blocks} "
                      f"blocks on {self.internals_tier}")

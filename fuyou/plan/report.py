@@ -63,6 +63,7 @@ def plan_config(config: TrainConfig, hardware: HardwareProfile, *, search_batch:
             activations=offload.activations,
             prefetch_depth=None if offload.prefetch_depth == DEFAULT_PREFETCH_DEPTH else offload.prefetch_depth,
             optimizer_cpu_blocks=offload.optimizer_cpu_blocks,
+            outer_optimizer=offload.outer_optimizer,
             precision=precision,
             swap_internals=swap_internals,
             search_batch=search_batch,
