@@ -50,6 +50,7 @@ from torch.func import functional_call
 from fuyou.block_compile import flat_block_function
 from fuyou.data import IGNORE_INDEX
 from offload.activations import ActivationSwap
+from offload.streams import wait_for_device
 
 HEAD_CHUNK_TOKENS = 4096  # tokens per head + loss chunk: bounds the logits' memory, keeps GEMMs large
 
@@ -216,6 +217,7 @@ class FuyouSchedule:
             self._backward(input_ids_BS, grad_BSD, activations, backward_weights, first=k == 0, last=last,
                            update_now=last and speculate, lr=lr)
 
+        wait_for_device(self.device)  # the loss's read must not hold the GIL while backward finishes
         total_loss = total_loss.item()
         grad_norm = math.sqrt(self.optimizer.grad_sumsq() + self._outer_sumsq)
         clip = 1.0 if max_grad_norm is None else min(1.0, max_grad_norm / (grad_norm + 1e-6))

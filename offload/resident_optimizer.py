@@ -23,6 +23,7 @@ import torch
 
 from offload.cpu_optimizer import AdamWKernel
 from offload.store import Tier, TieredStore
+from offload.streams import wait_for_device
 
 
 class ResidentAdamW:
@@ -55,7 +56,9 @@ class ResidentAdamW:
             the device).
         """
         self._grads = grads
-        norms = torch.stack([torch.linalg.vector_norm(grad) for grad in grads]).tolist()
+        norms_P = torch.stack([torch.linalg.vector_norm(grad) for grad in grads])
+        wait_for_device(norms_P.device)  # sleep without the GIL: the CPU optimizer is finishing block 0 meanwhile
+        norms = norms_P.tolist()
         return sum(norm**2 for norm in norms)
 
     def update(self, *, lr: float, clip: float = 1.0) -> None:

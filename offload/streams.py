@@ -130,3 +130,18 @@ class CopyEngine:
         if self.device is not None:
             for waiter in self._waiters.values():
                 waiter.close()
+
+
+def wait_for_device(device: torch.device) -> None:
+    """Block until the work queued on `device`'s current stream is done, sleeping with the GIL released.
+
+    For a caller about to read a device value (`.item()`, `.tolist()`): those wait for the stream inside
+    the copy, and a Python thread blocked there can keep the CPU optimizer's worker, which needs the GIL
+    between its kernels, from running. A blocking-sync event waits without spinning and without the GIL.
+    No-op on the CPU.
+    """
+    if device.type != "cuda":
+        return
+    done = torch.cuda.Event(blocking=True)
+    done.record()
+    done.synchronize()
