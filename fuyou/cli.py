@@ -19,7 +19,7 @@ overrides:
   train (steps, batch_size, seq_len, grad_accum, lr, warmup_steps, min_lr_ratio, weight_decay,
   beta1, beta2, eps, max_grad_norm, activation_checkpointing, precision, log_every, save_final),
   offload (params, optimizer, activations, gpu_memory_gb, cpu_memory_gb, ssd_dir, prefetch_depth),
-  quant (mode: none | halo | qlora, halo_level, lora_rank, lora_alpha, lora_dropout, lora_targets,
+  quant (mode: none | halo | qlora, halo_level, halo_scaling: current | delayed, halo_amax_history, lora_rank, lora_alpha, lora_dropout, lora_targets,
   optimizer_bits, save_merged, stream),
   and top-level runtime, device, seed, plan (manual | auto: the planner places states for
   runtime=fuyou) and hardware (a profile from fuyou probe for plan=auto; default: probe this machine).

@@ -157,10 +157,16 @@ class QuantConfig:
     token chunks (quant/qlora_stream.py); for models whose 4-bit weights exceed the GPU.
     `stream_cache_gb` (stream): GiB of GPU memory for frozen linears' outputs kept from the forward, so the
     recompute skips their GEMMs, the most FLOPs saved per byte first (quant/output_cache.py); 0: none.
+    `halo_scaling`: "current" (each FP8 tensor scaled by its own amax) or "delayed" (by the amaxes its
+    operand had over the last `halo_amax_history` optimizer steps: the cast needs no reduction first, so
+    under train.compile it is one more store of the producer's kernel; quant/delayed_scaling.py;
+    runtime=reference).
     """
 
     mode: str = "none"
     halo_level: int = 1
+    halo_scaling: str = "current"
+    halo_amax_history: int = 16
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
@@ -256,6 +262,12 @@ class TrainConfig:
         _choice("quant.mode", quant.mode, ("none", "halo", "qlora"))
         if quant.halo_level not in (0, 1, 2):
             raise ConfigError(f"quant.halo_level must be 0, 1 or 2, got {quant.halo_level}")
+        _choice("quant.halo_scaling", quant.halo_scaling, ("current", "delayed"))
+        if quant.halo_amax_history < 1:
+            raise ConfigError(f"quant.halo_amax_history must be >= 1 (optimizer steps), got {quant.halo_amax_history}")
+        if quant.halo_scaling == "delayed" and self.runtime != "reference":
+            raise ConfigError("quant.halo_scaling=delayed runs on runtime=reference (the Fuyou runtime's streamed blocks "
+                              "keep no per-block scaling state); set runtime=reference or quant.halo_scaling=current")
         if quant.lora_rank < 1 or not quant.lora_alpha > 0 or not 0 <= quant.lora_dropout < 1:
             raise ConfigError("quant.lora_rank must be >= 1, quant.lora_alpha > 0 and quant.lora_dropout in [0, 1)")
         if quant.optimizer_bits not in (8, 32):

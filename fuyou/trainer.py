@@ -262,6 +262,10 @@ class Trainer:
                 f"GPU out of memory in step {step} (batch {train.batch_size} x {train.seq_len} tokens); "
                 f"lower train.batch_size (and raise train.grad_accum) or {also}"
             ) from None
+        if self.config.quant.mode == "halo" and self.config.quant.halo_scaling == "delayed":
+            from quant.delayed_scaling import end_step
+
+            end_step(self.model)  # this step's amaxes join the history the next step scales by
         step_s = time.perf_counter() - step_start_s  # .item() in step() synchronised the device
         self.steps_done = step
         self.tokens_done += result.num_tokens
@@ -352,7 +356,7 @@ class Trainer:
         if quant.mode == "halo":
             from quant.halo import apply_halo
 
-            apply_halo(self.model, level=quant.halo_level)
+            apply_halo(self.model, level=quant.halo_level, scaling=quant.halo_scaling, amax_history=quant.halo_amax_history)
         elif quant.mode == "qlora":
             from quant.qlora import make_paged_adamw, prepare_qlora
 

@@ -35,7 +35,9 @@ one read and one write of the tensor. `hadamard_block=None` rotates by the full 
 for any orthogonal H, so both are exact before quantization.
 
 Numerics. e4m3 keeps 3 mantissa bits (relative rounding error <= 2^-4) and a range of +-448; a tensor is
-scaled so that its largest magnitude maps to 448 (current scaling: the amax of this very tensor). On CUDA
+scaled so that its largest magnitude maps to 448 (current scaling: the amax of this very tensor), or, with
+`scaling="delayed"` (`quant.delayed_scaling`), by the amaxes its operand had in the last optimizer steps,
+so that the cast need not wait for a reduction over the tensor. On CUDA
 the GEMM is `torch._scaled_mm` (FP8 inputs, fp32 accumulation, bf16 or fp32 output; the forward uses
 Hopper's fast accumulation, the two backward GEMMs do not, as Transformer Engine does). Elsewhere it is
 simulated: the same FP8 values are dequantized and multiplied in fp32 (fp64 for fp64 inputs), which is
@@ -63,9 +65,11 @@ import warnings
 import torch
 from torch import nn
 
+from quant import delayed_scaling
 from quant.hadamard import rotate, rotate_blocks
 
 LEVELS = (0, 1, 2)
+SCALINGS = ("current", "delayed")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 # torch._scaled_mm wants every GEMM dimension to be a multiple of 16; others are zero-padded (exact).
@@ -91,8 +95,12 @@ def compiled_quantizer_failed() -> bool:
     return _compiler["failed"]
 
 
-def _quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool):
+def _quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool, state_row: torch.Tensor | None = None,
+                   delayed: bool = False):
     """(x_fp8 [R, C] or None, x_fp8^T contiguous [C, R] or None, scale) with x ≈ x_fp8 * scale.
+
+    With `state_row` (one operand's row of a HaloLinear's `amax_state`) the amax is also recorded, and
+    `delayed` takes the scale from that row's history instead of from x (`quant.delayed_scaling`).
 
     No clamp is needed before the cast: |x| / scale <= 448 up to one rounding, and e4m3fn rounds anything
     below 464 to at most 448 (only values >= 464 would become NaN). The scaling is done in fp32 so that a
@@ -100,17 +108,25 @@ def _quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool):
     values by one e4m3 step and made eager (CPU) and compiled (GPU) results differ by ~1.5% per GEMM.
     Compiled, the fp32 product stays in registers and costs nothing; eager, it is one fp32 temporary.
     """
-    amax = torch.linalg.vector_norm(x_RC, float("inf")).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    x_fp8 = (x_RC.float() * scale.reciprocal()).to(FP8_DTYPE)
+    if delayed:
+        scale = delayed_scaling.scale_from_history(state_row)
+        x_fp8 = delayed_scaling.cast(x_RC, scale, FP8_DTYPE)
+        delayed_scaling.record_from_fp8(state_row, x_fp8, scale)
+    else:
+        amax = torch.linalg.vector_norm(x_RC, float("inf")).float()
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        x_fp8 = (x_RC.float() * scale.reciprocal()).to(FP8_DTYPE)
+        if state_row is not None:
+            delayed_scaling.record_exact(state_row, amax)
     return (x_fp8 if rows else None), (x_fp8.t().contiguous() if cols else None), scale
 
 
-def _quantize(x_RC: torch.Tensor, rows: bool = True, cols: bool = False):
+def _quantize(x_RC: torch.Tensor, rows: bool = True, cols: bool = False, state_row: torch.Tensor | None = None,
+              delayed: bool = False):
     if torch.compiler.is_compiling():
         # Inside a compiled block (train.compile): the math joins the block's graph, where Inductor can
         # fuse it into the kernel that produces x_RC; no nested compiled function, no config changes.
-        return _quantize_math(x_RC, rows, cols)
+        return _quantize_math(x_RC, rows, cols, state_row, delayed)
     if x_RC.is_cuda and _compiler["enabled"] and not _compiler["failed"]:
         if _compiler["function"] is None:
             # Static shapes: with dynamic ones Inductor cannot split the amax reduction across the GPU and
@@ -121,13 +137,13 @@ def _quantize(x_RC: torch.Tensor, rows: bool = True, cols: bool = False):
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 128))
             _compiler["function"] = torch.compile(_quantize_math, dynamic=False)
         try:
-            return _compiler["function"](x_RC, rows, cols)
+            return _compiler["function"](x_RC, rows, cols, state_row, delayed)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as error:  # noqa: BLE001 - any compiler failure: keep training on eager ops
             warnings.warn(f"torch.compile of the HALO quantizer failed, using eager torch ops: {error!r:.300}", stacklevel=2)
             _compiler["failed"] = True
-    return _quantize_math(x_RC, rows, cols)
+    return _quantize_math(x_RC, rows, cols, state_row, delayed)
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,11 +172,12 @@ class _Operand:
         return self.values.to(dtype) * self.scale.to(dtype)
 
 
-def _operands(x_RC: torch.Tensor, quantize: bool, *, rows: bool = True, cols: bool = False):
+def _operands(x_RC: torch.Tensor, quantize: bool, *, rows: bool = True, cols: bool = False,
+              state_row: torch.Tensor | None = None, delayed: bool = False):
     """(x [R, C], x^T [C, R]) as operands, each only if asked for; quantized ones share one scale."""
     if not quantize:
         return (_Operand(x_RC, None) if rows else None), (_Operand(x_RC.t(), None) if cols else None)
-    x_rows, x_cols, scale = _quantize(x_RC, rows, cols)
+    x_rows, x_cols, scale = _quantize(x_RC, rows, cols, state_row, delayed)
     return (_Operand(x_rows, scale) if rows else None), (_Operand(x_cols, scale) if cols else None)
 
 
@@ -208,14 +225,20 @@ class HaloMatmul(torch.autograd.Function):
     """y_TO = x_TI @ weight_OI^T with HALO's FP8 GEMMs and rotations (table in the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x_TI, weight_OI, level: int, quantize: bool, out_dtype: torch.dtype, block: int | None):
+    def forward(ctx, x_TI, weight_OI, level: int, quantize: bool, out_dtype: torch.dtype, block: int | None,
+                amax_state: torch.Tensor | None, delayed: bool):
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rotated = level >= 1
+        rows = [None] * 4 if amax_state is None else list(amax_state)  # x, w, dy, dy rotated along tokens
         with torch.autocast(x_TI.device.type, enabled=False):
             # Q(X H_I), and its transpose for dW = dY^T X; Q(W H_I), and its transpose for dX = dY W.
-            x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw)
-            w_op, w_t_op = _operands(_rotate(weight_OI, -1, block) if rotated else weight_OI, quantize, cols=needs_dx)
+            x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw,
+                                     state_row=rows[0], delayed=delayed)
+            w_op, w_t_op = _operands(_rotate(weight_OI, -1, block) if rotated else weight_OI, quantize, cols=needs_dx,
+                                     state_row=rows[1], delayed=delayed)
             y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True)  # (X H_I)(W H_I)^T = X W^T
+        # The state is mutated in place by backward's recording too, so it rides on ctx, not in saved tensors.
+        ctx.rows, ctx.delayed = rows, delayed
         ctx.level, ctx.quantize, ctx.block = level, quantize, block
         ctx.x_dtype, ctx.weight_dtype = x_TI.dtype, weight_OI.dtype
         ctx.x_scale, ctx.w_scale = x_op.scale, w_op.scale
@@ -231,10 +254,12 @@ class HaloMatmul(torch.autograd.Function):
         dx_TI = dw_OI = None
         with torch.autocast(dy_TO.device.type, enabled=False):
             # One quantization of dY serves both GEMMs (level 2 rotates it along tokens for dX only).
-            dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw)
+            rows, delayed = ctx.rows, ctx.delayed
+            dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
+                                       state_row=rows[2], delayed=delayed)
             if needs_dx:
                 if level == 2:
-                    dy_op, _ = _operands(_rotate(dy_TO, 0, block), quantize)  # Q(H_T^T dY)
+                    dy_op, _ = _operands(_rotate(dy_TO, 0, block), quantize, state_row=rows[3], delayed=delayed)  # Q(H_T^T dY)
                 dx_TI = _gemm(dy_op, _Operand(w_t_values, ctx.w_scale), ctx.x_dtype)  # [H_T^T] dY W [H_I]
                 if level == 2:
                     dx_TI = _rotate(dx_TI, 0, block, inverse=True)  # H_T . : dY W H_I
@@ -244,11 +269,12 @@ class HaloMatmul(torch.autograd.Function):
                 dw_OI = _gemm(dy_t_op, _Operand(x_t_values, ctx.x_scale), ctx.weight_dtype)  # dY^T X [H_I]
                 if level >= 1:
                     dw_OI = _rotate(dw_OI, -1, block, inverse=True)  # . H_I^T : dY^T X
-        return dx_TI, dw_OI, None, None, None, None
+        return dx_TI, dw_OI, None, None, None, None, None, None
 
 
 def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quantize: bool = True,
-                out_dtype: torch.dtype | None = None, hadamard_block: int | None = HADAMARD_BLOCK) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, hadamard_block: int | None = HADAMARD_BLOCK,
+                amax_state: torch.Tensor | None = None, delayed: bool = False) -> torch.Tensor:
     """x_TI @ weight_OI^T through HALO; differentiable in both arguments.
 
     Args:
@@ -259,16 +285,22 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
         out_dtype: dtype of y; None means x's dtype. dX and dW come back in x's and the weight's dtypes.
         hadamard_block: largest order of the diagonal Hadamard blocks (a power of 4), or None for the
             full Hadamard matrix of each rotated axis.
+        amax_state: a `quant.delayed_scaling.new_state` tensor, 4 rows (x, w, dy, dy rotated along tokens);
+            every quantization records its amax in its row. None records nothing.
+        delayed: scale by the state's history (delayed scaling) instead of each tensor's own amax.
 
     Returns:
         y_TO in `out_dtype`.
 
     Raises:
-        ValueError: a level other than 0, 1, 2.
+        ValueError: a level other than 0, 1, 2, or `delayed` without a state.
     """
     if level not in LEVELS:
         raise ValueError(f"HALO level must be one of {LEVELS}, got {level!r}")
-    return HaloMatmul.apply(x_TI, weight_OI, level, quantize, out_dtype or x_TI.dtype, hadamard_block)
+    if delayed and amax_state is None:
+        raise ValueError("delayed scaling takes its scales from an amax_state; pass one")
+    return HaloMatmul.apply(x_TI, weight_OI, level, quantize, out_dtype or x_TI.dtype, hadamard_block,
+                            amax_state, delayed)
 
 
 class HaloLinear(nn.Linear):
@@ -283,25 +315,38 @@ class HaloLinear(nn.Linear):
         level: HALO level 0, 1 or 2.
         quantize: False keeps the rotations but skips FP8.
         hadamard_block: largest order of the diagonal Hadamard blocks, or None for full rotations.
+        scaling: "current" (each tensor's own amax) or "delayed" (the amaxes of the last `amax_history`
+            optimizer steps, `quant.delayed_scaling`; call its `end_step(model)` after every step).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, level: int, quantize: bool = True,
-                 hadamard_block: int | None = HADAMARD_BLOCK, device=None, dtype=None):
+                 hadamard_block: int | None = HADAMARD_BLOCK, scaling: str = "current",
+                 amax_history: int = delayed_scaling.DEFAULT_HISTORY, device=None, dtype=None):
         if level not in LEVELS:
             raise ValueError(f"HALO level must be one of {LEVELS}, got {level!r}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"HALO scaling must be one of {SCALINGS}, got {scaling!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.level, self.quantize, self.hadamard_block = level, quantize, hadamard_block
+        self.level, self.quantize, self.hadamard_block, self.scaling = level, quantize, hadamard_block, scaling
+        # Not persistent: scaling statistics are no part of the model's weights or its HF export.
+        state = delayed_scaling.new_state(amax_history, self.weight.device) if scaling == "delayed" else None
+        self.register_buffer("amax_state", state, persistent=False)
+        self.delayed_active = False  # the first step scales currently, then end_step switches (no history yet)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, level: int, quantize: bool = True,
-                    hadamard_block: int | None = HADAMARD_BLOCK) -> HaloLinear:
+                    hadamard_block: int | None = HADAMARD_BLOCK, scaling: str = "current",
+                    amax_history: int = delayed_scaling.DEFAULT_HISTORY) -> HaloLinear:
         """A HaloLinear holding `linear`'s own Parameter objects (no copy), so optimizers that already
         reference them keep updating the layer."""
         with torch.device("meta"):
             halo = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                       level=level, quantize=quantize, hadamard_block=hadamard_block)
+                       level=level, quantize=quantize, hadamard_block=hadamard_block, scaling=scaling,
+                       amax_history=amax_history)
         halo.weight = linear.weight
         halo.bias = linear.bias
+        if scaling == "delayed":
+            halo.amax_state = delayed_scaling.new_state(amax_history, linear.weight.device)
         return halo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,15 +361,18 @@ class HaloLinear(nn.Linear):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
         y_TO = halo_matmul(x.reshape(-1, self.in_features), weight, level=self.level, quantize=self.quantize,
-                           out_dtype=x.dtype, hadamard_block=self.hadamard_block)
+                           out_dtype=x.dtype, hadamard_block=self.hadamard_block, amax_state=self.amax_state,
+                           delayed=self.amax_state is not None and self.delayed_active)
         y = y_TO.reshape(*x.shape[:-1], self.out_features)  # reshape: a padded _scaled_mm result is a slice
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, level={self.level}, quantize={self.quantize}, hadamard_block={self.hadamard_block}"
+        return (f"{super().extra_repr()}, level={self.level}, quantize={self.quantize}, "
+                f"hadamard_block={self.hadamard_block}, scaling={self.scaling}")
 
 
 def apply_halo(model: nn.Module, *, level: int, quantize: bool = True, hadamard_block: int | None = HADAMARD_BLOCK,
+               scaling: str = "current", amax_history: int = delayed_scaling.DEFAULT_HISTORY,
                exclude: tuple[str, ...] = ("lm_head",)) -> list[str]:
     """Swap every plain nn.Linear of `model` for a HaloLinear in place, except those named in `exclude`.
 
@@ -340,23 +388,26 @@ def apply_halo(model: nn.Module, *, level: int, quantize: bool = True, hadamard_
         level: HALO level 0, 1 or 2.
         quantize: False keeps the rotations but skips FP8.
         hadamard_block: largest order of the diagonal Hadamard blocks, or None for full rotations.
+        scaling, amax_history: as HaloLinear's.
         exclude: last components of module names not to swap.
 
     Returns:
         The qualified names of the swapped modules.
 
     Raises:
-        ValueError: a level other than 0, 1, 2.
+        ValueError: a level other than 0, 1, 2, or an unknown scaling.
     """
     if level not in LEVELS:
         raise ValueError(f"HALO level must be one of {LEVELS}, got {level!r}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"HALO scaling must be one of {SCALINGS}, got {scaling!r}")
     swapped = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in exclude:
             continue
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, HaloLinear.from_linear(module, level=level, quantize=quantize,
-                                                                    hadamard_block=hadamard_block))
+        setattr(parent, child_name, HaloLinear.from_linear(module, level=level, quantize=quantize, hadamard_block=hadamard_block,
+                                                           scaling=scaling, amax_history=amax_history))
         swapped.append(name)
     return swapped

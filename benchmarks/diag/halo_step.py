@@ -11,7 +11,7 @@ Kernel time against the median step says how much of the step the GPU computes a
 
 `--foreach-adamw` swaps the trainer's torch AdamW (fused on CUDA since the reference adopted it) for the
 foreach one, torch's default on CUDA, with the same groups and hyper-parameters: what the optimizer costs
-each mode. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
+each mode. A `-delayed` variant (e.g. `halo0-delayed`) sets `quant.halo_scaling=delayed`. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
 64th row instead of the whole tensor, clamping what overflows: the quantizer's cast then waits on a reduction
 over 1/64 of the data, about what delayed scaling (last step's amax) would cost. A timing bound only, its
 numerics are not HALO's. `--kernels-json` writes every profiled kernel's total milliseconds per variant. Variants alternate in one process, so compare them within one run only.
@@ -44,8 +44,8 @@ KERNEL_GROUPS = [  # (group, lower-case name fragments); first match wins, FP8 b
 ]
 
 
-def _sampled_quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool):
-    """quant.halo._quantize_math with the amax of every 64th row (see the module docstring)."""
+def _sampled_quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool, state_row=None, delayed: bool = False):
+    """quant.halo._quantize_math with the amax of every 64th row (see the module docstring); records nothing."""
     from quant.halo import FP8_DTYPE, FP8_MAX
 
     amax = torch.linalg.vector_norm(x_RC[::64], float("inf")).float()
@@ -66,10 +66,13 @@ def build(args, variant: str):
         f"train.compile={'true' if args.compile else 'false'}",
     ]
     variant, sampled = variant.removesuffix("-sampled"), variant.endswith("-sampled")
+    variant, delayed = variant.removesuffix("-delayed"), variant.endswith("-delayed")
     quant.halo._quantize_math = _sampled_quantize_math if sampled else _QUANTIZE_MATH
     torch._dynamo.reset()  # variants alternate in one process: trace the quantizer each one uses afresh
     if variant.startswith("halo"):
         overrides += ["quant.mode=halo", f"quant.halo_level={int(variant[4:])}"]
+        if delayed:
+            overrides.append("quant.halo_scaling=delayed")
     output = tempfile.mkdtemp(prefix="halo-step-")
     trainer = Trainer(TrainConfig.from_yaml(args.config, overrides), output_dir=output, progress=False)
     if args.foreach_adamw:

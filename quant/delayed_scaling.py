@@ -1,0 +1,92 @@
+"""Delayed scaling for HALO's FP8 operands: each tensor's scale comes from the amaxes of earlier steps.
+
+Why. With current scaling (quant.halo, the default) a tensor's scale is its own amax / 448, so the cast
+waits for a full reduction over the tensor. Under `train.compile` Inductor then cannot write the FP8
+copies from the producer's kernel the way it writes bf16: `benchmarks.diag.fp8_layouts` timed GELU's
+backward on [16384, 8192] (H100) at 0.276 ms writing bf16, 0.675 ms with current scaling (amax, then
+both FP8 layouts), and 0.321 ms writing both layouts with the scale given. A known scale makes the
+quantizer a store in the producer's kernel. Transformer Engine's default recipe is delayed scaling for
+the same reason.
+
+State. Each HaloLinear holds one fp32 tensor `amax_state` [4, H + 1]; its rows are the operands
+x, w, dy, and dy rotated along tokens (level 2's input gradient) (OPERANDS).
+- Columns 0..H-1 are the history: the amaxes of the last H optimizer steps, oldest first.
+- Column H is pending: the running max of this step's amaxes.
+
+Within a step the scale reads only the history, so it is the same for every micro-batch and for a
+recompute. Activation checkpointing and the Fuyou runtime's recompute therefore quantize exactly as
+the forward did, and recording twice changes nothing, since pending is a max. `end_step` moves
+pending into the history once per optimizer step: the trainer calls it after each step.
+
+Scale. s = MARGIN · max(history) / 448. The largest recent amax maps to 448 / MARGIN = 224, so a tensor
+may grow MARGIN× over its recent maximum before it saturates. Values past 448 · s are clamped to ±448
+(saturation, as Transformer Engine does), never NaN. The headroom costs nothing in precision: e4m3
+keeps 3 mantissa bits at every normal magnitude, and only values below about 2^-14 of the amax
+(448 / 2^-6 is 2^14.8) reach its subnormals one binade earlier.
+
+Amax. It is read back from the FP8 values, |q|max · s: one byte an element, instead of a second pass
+over the producer's inputs. It is exact, since every e4m3 value is exact in fp32, unless |q|max = 448,
+where values may have been clamped. That case is recorded as MARGIN · 448 · s, so the next scale grows
+MARGIN×, and again each step until the tensor fits.
+
+First step. There is no history yet. The module quantizes with current scaling and records exact
+amaxes. `end_step` then switches it to delayed scaling: one recompile under `train.compile`, since the
+switch is a Python attribute that dynamo guards on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+MARGIN = 2.0
+OPERANDS = ("x", "w", "dy", "dy rotated along tokens")
+DEFAULT_HISTORY = 16  # Transformer Engine keeps up to 1024; 16 steps forget a spike soon and still smooth noise
+
+
+def new_state(history: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """A zero `amax_state` [len(OPERANDS), history + 1] fp32 (module docstring, State)."""
+    if history < 1:
+        raise ValueError(f"the amax history needs at least one step, got {history}")
+    return torch.zeros(len(OPERANDS), history + 1, dtype=torch.float32, device=device)
+
+
+def scale_from_history(row: torch.Tensor) -> torch.Tensor:
+    """s = MARGIN · max(history) / 448 of one operand's state row [H + 1]; 1 if nothing was recorded."""
+    amax = row[:-1].max()
+    return torch.where(amax > 0, amax * (MARGIN / FP8_MAX), torch.ones_like(amax))
+
+
+def cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x / scale in FP8, clamped to ±448: a tensor that outgrew its history saturates rather than overflows."""
+    return (x.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def record_exact(row: torch.Tensor, amax: torch.Tensor) -> None:
+    """pending = max(pending, amax), with an amax the quantizer computed anyway (current scaling)."""
+    row[-1] = torch.maximum(row[-1], amax.float())
+
+
+def record_from_fp8(row: torch.Tensor, x_fp8: torch.Tensor, scale: torch.Tensor) -> None:
+    """pending = max(pending, the amax read back from x_fp8 = cast(x, scale)); a clamped one grows MARGIN×."""
+    amax_fp8 = x_fp8.float().abs().amax()
+    saturated = amax_fp8 >= FP8_MAX
+    record_exact(row, torch.where(saturated, MARGIN * FP8_MAX, amax_fp8) * scale)
+
+
+def end_step(model: nn.Module) -> int:
+    """Ends an optimizer step for every delayed-scaling HaloLinear of `model`: pending joins the history
+    (the oldest entry leaves), pending restarts at 0, and a module that just had its first step switches
+    from current to delayed scaling. Returns how many modules were updated."""
+    count = 0
+    for module in model.modules():
+        state = getattr(module, "amax_state", None)
+        if state is None:
+            continue
+        with torch.no_grad():
+            state[:, :-1] = torch.cat([state[:, 1:-1], state[:, -1:]], dim=1)
+            state[:, -1] = 0.0
+        module.delayed_active = True
+        count += 1
+    return count
