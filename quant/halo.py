@@ -99,8 +99,9 @@ def _quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool, state_row: torch.
                    delayed: bool = False):
     """(x_fp8 [R, C] or None, x_fp8^T contiguous [C, R] or None, scale) with x ≈ x_fp8 * scale.
 
-    With `state_row` (one operand's row of a HaloLinear's `amax_state`) the amax is also recorded, and
-    `delayed` takes the scale from that row's history instead of from x (`quant.delayed_scaling`).
+    With `state_row` (one operand's row of a HaloLinear's `amax_state`) and current scaling, the amax is
+    also recorded; `delayed` takes the scale from that row's history instead, and the caller records the
+    amax from the FP8 values once a GEMM has consumed them (`_record`).
 
     No clamp is needed before the cast: |x| / scale <= 448 up to one rounding, and e4m3fn rounds anything
     below 464 to at most 448 (only values >= 464 would become NaN). The scaling is done in fp32 so that a
@@ -111,9 +112,10 @@ def _quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool, state_row: torch.
     if delayed:
         scale = delayed_scaling.scale_from_history(state_row)
         x_fp8 = delayed_scaling.cast(x_RC, scale, FP8_DTYPE)
-        delayed_scaling.record_from_fp8(state_row, x_fp8, scale)
     else:
-        amax = torch.linalg.vector_norm(x_RC, float("inf")).float()
+        # Rows first, then the [R] row maxima: Inductor runs a row reduction near the memory bandwidth, and
+        # a whole-tensor one as a split reduction at about a quarter of it (H100, torch 2.11).
+        amax = x_RC.abs().amax(dim=-1).amax().float()
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         x_fp8 = (x_RC.float() * scale.reciprocal()).to(FP8_DTYPE)
         if state_row is not None:
@@ -181,6 +183,14 @@ def _operands(x_RC: torch.Tensor, quantize: bool, *, rows: bool = True, cols: bo
     return (_Operand(x_rows, scale) if rows else None), (_Operand(x_cols, scale) if cols else None)
 
 
+def _record(operand: _Operand | None, state_row: torch.Tensor | None, delayed: bool) -> None:
+    """Delayed scaling's amax, read back from an FP8 operand. Called after a GEMM consumed the operand: by then
+    Inductor has the FP8 tensor in memory and the reduction reads its bytes (1 B an element); called before,
+    it recomputes the cast, and the producer behind it, from the producer's inputs."""
+    if delayed and operand is not None and operand.scale is not None:
+        delayed_scaling.record_from_fp8(state_row, operand.values, operand.scale)
+
+
 def _pad_to(x_RC: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     if x_RC.shape == (rows, cols):
         return x_RC
@@ -237,6 +247,8 @@ class HaloMatmul(torch.autograd.Function):
             w_op, w_t_op = _operands(_rotate(weight_OI, -1, block) if rotated else weight_OI, quantize, cols=needs_dx,
                                      state_row=rows[1], delayed=delayed)
             y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True)  # (X H_I)(W H_I)^T = X W^T
+            _record(x_op, rows[0], delayed)
+            _record(w_op, rows[1], delayed)
         # The state is mutated in place by backward's recording too, so it rides on ctx, not in saved tensors.
         ctx.rows, ctx.delayed = rows, delayed
         ctx.level, ctx.quantize, ctx.block = level, quantize, block
@@ -257,6 +269,7 @@ class HaloMatmul(torch.autograd.Function):
             rows, delayed = ctx.rows, ctx.delayed
             dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
                                        state_row=rows[2], delayed=delayed)
+            plain_dy_op = dy_op if dy_op is not None else dy_t_op  # Q(dY), before level 2 rotates it for dX
             if needs_dx:
                 if level == 2:
                     dy_op, _ = _operands(_rotate(dy_TO, 0, block), quantize, state_row=rows[3], delayed=delayed)  # Q(H_T^T dY)
@@ -269,6 +282,9 @@ class HaloMatmul(torch.autograd.Function):
                 dw_OI = _gemm(dy_t_op, _Operand(x_t_values, ctx.x_scale), ctx.weight_dtype)  # dY^T X [H_I]
                 if level >= 1:
                     dw_OI = _rotate(dw_OI, -1, block, inverse=True)  # . H_I^T : dY^T X
+            _record(plain_dy_op, rows[2], delayed)
+            if needs_dx and level == 2:
+                _record(dy_op, rows[3], delayed)
         return dx_TI, dw_OI, None, None, None, None, None, None
 
 
