@@ -8,15 +8,17 @@ both FP8 layouts), and 0.321 ms writing both layouts with the scale given. A kno
 quantizer a store in the producer's kernel. Transformer Engine's default recipe is delayed scaling for
 the same reason.
 
-State. Each HaloLinear holds one fp32 tensor `amax_state` [4, H + 1]; its rows are the operands
+State. Each HaloLinear holds one fp32 tensor `amax_state` [H + 1, 4]; its columns are the operands
 x, w, dy, and dy rotated along tokens (level 2's input gradient) (OPERANDS).
-- Columns 0..H-1 are the history: the amaxes of the last H optimizer steps, oldest first.
-- Column H is pending: the running max of this step's amaxes.
+- Rows 0..H-1 are the history: the amaxes of the last H optimizer steps, a ring (only their max is read,
+  so their order does not matter).
+- Row H is pending: the running max of this step's amaxes.
 
 Within a step the scale reads only the history, so it is the same for every micro-batch and for a
 recompute. Activation checkpointing and the Fuyou runtime's recompute therefore quantize exactly as
 the forward did, and recording twice changes nothing, since pending is a max. `end_step` moves
-pending into the history once per optimizer step: the trainer calls it after each step.
+pending into the history once per optimizer step: the trainer calls it after each step. It is two
+foreach kernels for the whole model, since it runs after the step's loss was read, while the GPU waits.
 
 Scale. s = MARGIN · max(history) / 448. The largest recent amax maps to 448 / MARGIN = 224, so a tensor
 may grow MARGIN× over its recent maximum before it saturates. Values past 448 · s are clamped to ±448
@@ -46,14 +48,15 @@ DEFAULT_HISTORY = 16  # Transformer Engine keeps up to 1024; 16 steps forget a s
 
 
 def new_state(history: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """A zero `amax_state` [len(OPERANDS), history + 1] fp32 (module docstring, State)."""
+    """A zero `amax_state` [history + 1, len(OPERANDS)] fp32 (module docstring, State)."""
     if history < 1:
         raise ValueError(f"the amax history needs at least one step, got {history}")
-    return torch.zeros(len(OPERANDS), history + 1, dtype=torch.float32, device=device)
+    return torch.zeros(history + 1, len(OPERANDS), dtype=torch.float32, device=device)
 
 
 def scale_from_history(row: torch.Tensor) -> torch.Tensor:
-    """s = MARGIN · max(history) / 448 of one operand's state row [H + 1]; 1 if nothing was recorded."""
+    """s = MARGIN · max(history) / 448 of one operand's record (a column of the state, [H + 1]); 1 if
+    nothing was recorded."""
     amax = row[:-1].max()
     return torch.where(amax > 0, amax * (MARGIN / FP8_MAX), torch.ones_like(amax))
 
@@ -76,17 +79,20 @@ def record_from_fp8(row: torch.Tensor, x_fp8: torch.Tensor, scale: torch.Tensor)
 
 
 def end_step(model: nn.Module) -> int:
-    """Ends an optimizer step for every delayed-scaling HaloLinear of `model`: pending joins the history
-    (the oldest entry leaves), pending restarts at 0, and a module that just had its first step switches
-    from current to delayed scaling. Returns how many modules were updated."""
-    count = 0
+    """Ends an optimizer step for every delayed-scaling HaloLinear of `model`: pending replaces the oldest
+    history entry, pending restarts at 0, and a module that just had its first step switches from current
+    to delayed scaling. Returns how many modules were updated."""
+    slots, pendings = [], []
     for module in model.modules():
         state = getattr(module, "amax_state", None)
         if state is None:
             continue
+        steps = getattr(module, "amax_steps", 0)
+        slots.append(state[steps % (state.shape[0] - 1)])
+        pendings.append(state[-1])
+        module.amax_steps, module.delayed_active = steps + 1, True
+    if pendings:
         with torch.no_grad():
-            state[:, :-1] = torch.cat([state[:, 1:-1], state[:, -1:]], dim=1)
-            state[:, -1] = 0.0
-        module.delayed_active = True
-        count += 1
-    return count
+            torch._foreach_copy_(slots, pendings)
+            torch._foreach_zero_(pendings)
+    return len(pendings)

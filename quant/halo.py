@@ -52,7 +52,11 @@ Layouts (CUDA). FP8 `_scaled_mm` on Hopper takes only A row-major and B column-m
 with the reduced axis contiguous. The weight gradient reduces over tokens, so it needs X^T and dY^T with
 tokens contiguous, and the input gradient needs W^T. The quantizer therefore writes each FP8 tensor in the
 layouts its GEMMs need, in the same pass that scales it: the forward keeps Q(X H_I)^T and Q(W H_I)^T for
-backward (the same bytes as keeping the row-major copies). On CUDA the quantizer (amax, scale, cast, both
+backward (the same bytes as keeping the row-major copies). X and dY, the large ones, get their transposed
+copy from their FP8 bytes once the first GEMM has consumed the row-major one (`transpose_after_gemm`):
+Inductor otherwise fuses the transposed 1-byte stores into the producer's kernel, where they ran at
+about half the bandwidth (GELU's backward into both layouts: 0.475 ms in the 1.3B step against 0.276 in
+bf16, [16384, 8192], H100), while a separate transpose reads and writes 1 B an element near it. On CUDA the quantizer (amax, scale, cast, both
 layouts) runs through torch.compile with static shapes, two fused kernels, unless `use_compiled_quantizer(False)`; if the
 compiler fails it warns once and falls back to eager torch ops. Inside a block compiled whole (`train.compile`,
 fuyou.block_compile) the quantizer is traced into the block's graph instead.
@@ -79,6 +83,14 @@ HADAMARD_BLOCK = 256
 
 # Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
 _compiler = {"enabled": True, "failed": False, "function": None}
+# Whether X's and dY's transposed FP8 copies are made after their first GEMM (see transpose_after_gemm).
+_layouts = {"transpose_after_gemm": True}
+
+
+def transpose_after_gemm(enabled: bool) -> None:
+    """Make X's and dY's transposed FP8 copies from their FP8 bytes after the first GEMM consumed them
+    (enabled, the default), or in the quantizer's pass beside the row-major ones (module docstring, Layouts)."""
+    _layouts["transpose_after_gemm"] = enabled
 
 
 def use_compiled_quantizer(enabled: bool) -> None:
@@ -191,6 +203,11 @@ def _record(operand: _Operand | None, state_row: torch.Tensor | None, delayed: b
         delayed_scaling.record_from_fp8(state_row, operand.values, operand.scale)
 
 
+def _transposed(operand: _Operand) -> _Operand:
+    """operand [R, C] as a contiguous [C, R] copy of its FP8 values, with the same scale."""
+    return _Operand(operand.values.t().contiguous(), operand.scale)
+
+
 def _pad_to(x_RC: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     if x_RC.shape == (rows, cols):
         return x_RC
@@ -239,14 +256,17 @@ class HaloMatmul(torch.autograd.Function):
                 amax_state: torch.Tensor | None, delayed: bool):
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rotated = level >= 1
-        rows = [None] * 4 if amax_state is None else list(amax_state)  # x, w, dy, dy rotated along tokens
+        rows = [None] * 4 if amax_state is None else list(amax_state.unbind(1))  # x, w, dy, dy rotated along tokens
+        late_x_t = needs_dw and quantize and _layouts["transpose_after_gemm"]
         with torch.autocast(x_TI.device.type, enabled=False):
             # Q(X H_I), and its transpose for dW = dY^T X; Q(W H_I), and its transpose for dX = dY W.
-            x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw,
+            x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw and not late_x_t,
                                      state_row=rows[0], delayed=delayed)
             w_op, w_t_op = _operands(_rotate(weight_OI, -1, block) if rotated else weight_OI, quantize, cols=needs_dx,
                                      state_row=rows[1], delayed=delayed)
             y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True)  # (X H_I)(W H_I)^T = X W^T
+            if late_x_t:
+                x_t_op = _transposed(x_op)
             _record(x_op, rows[0], delayed)
             _record(w_op, rows[1], delayed)
         # The state is mutated in place by backward's recording too, so it rides on ctx, not in saved tensors.
@@ -267,7 +287,9 @@ class HaloMatmul(torch.autograd.Function):
         with torch.autocast(dy_TO.device.type, enabled=False):
             # One quantization of dY serves both GEMMs (level 2 rotates it along tokens for dX only).
             rows, delayed = ctx.rows, ctx.delayed
-            dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
+            # dY^T after dX's GEMM, from Q(dY)'s bytes; at level 2 dX takes a token-rotated dY instead.
+            late_dy_t = needs_dw and needs_dx and level < 2 and quantize and _layouts["transpose_after_gemm"]
+            dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw and not late_dy_t,
                                        state_row=rows[2], delayed=delayed)
             plain_dy_op = dy_op if dy_op is not None else dy_t_op  # Q(dY), before level 2 rotates it for dX
             if needs_dx:
@@ -279,6 +301,8 @@ class HaloMatmul(torch.autograd.Function):
                 if level >= 1:
                     dx_TI = _rotate(dx_TI, -1, block, inverse=True)  # . H_I^T : dY W
             if needs_dw:
+                if late_dy_t:
+                    dy_t_op = _transposed(dy_op)
                 dw_OI = _gemm(dy_t_op, _Operand(x_t_values, ctx.x_scale), ctx.weight_dtype)  # dY^T X [H_I]
                 if level >= 1:
                     dw_OI = _rotate(dw_OI, -1, block, inverse=True)  # . H_I^T : dY^T X
@@ -301,8 +325,8 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
         out_dtype: dtype of y; None means x's dtype. dX and dW come back in x's and the weight's dtypes.
         hadamard_block: largest order of the diagonal Hadamard blocks (a power of 4), or None for the
             full Hadamard matrix of each rotated axis.
-        amax_state: a `quant.delayed_scaling.new_state` tensor, 4 rows (x, w, dy, dy rotated along tokens);
-            every quantization records its amax in its row. None records nothing.
+        amax_state: a `quant.delayed_scaling.new_state` tensor, one column per operand (x, w, dy, dy rotated
+            along tokens); every quantization records its amax in its column. None records nothing.
         delayed: scale by the state's history (delayed scaling) instead of each tensor's own amax.
 
     Returns:
@@ -348,6 +372,7 @@ class HaloLinear(nn.Linear):
         state = delayed_scaling.new_state(amax_history, self.weight.device) if scaling == "delayed" else None
         self.register_buffer("amax_state", state, persistent=False)
         self.delayed_active = False  # the first step scales currently, then end_step switches (no history yet)
+        self.amax_steps = 0  # optimizer steps recorded: end_step's next history slot
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, level: int, quantize: bool = True,

@@ -22,7 +22,7 @@ from quant.delayed_scaling import FP8_MAX, MARGIN, end_step, new_state
 from quant.halo import HaloLinear, apply_halo, halo_matmul
 
 FP8 = torch.float8_e4m3fn
-X, W, DY = 0, 1, 2  # rows of amax_state
+X, W, DY = 0, 1, 2  # columns of amax_state
 PENDING = -1
 
 
@@ -46,8 +46,12 @@ def run(x, w, dy, state, delayed, level=0):
     return y.detach(), dx, dw
 
 
+_holders = {}
+
+
 def roll(state):
-    holder = nn.Module()
+    """end_step on a module holding only `state` (the same module each time, so its ring advances)."""
+    holder = _holders.setdefault(id(state), nn.Module())
     holder.register_buffer("amax_state", state)
     assert end_step(holder) == 1 and holder.delayed_active
 
@@ -59,17 +63,17 @@ def test_the_first_step_scales_currently_and_records_exact_amaxes():
     without = run(x, w, dy, None, delayed=False)
     assert all(torch.equal(a, b) for a, b in zip(with_state, without))  # recording changes no result
     expected = [x.abs().max(), w.abs().max(), dy.abs().max()]
-    assert state[:3, PENDING].tolist() == pytest.approx([float(v) for v in expected], rel=1e-6)
-    assert state[:, :PENDING].eq(0).all() and state[3].eq(0).all()  # level 0 never rotates dY along tokens
+    assert state[PENDING, :3].tolist() == pytest.approx([float(v) for v in expected], rel=1e-6)
+    assert state[:PENDING].eq(0).all() and state[:, 3].eq(0).all()  # level 0 never rotates dY along tokens
 
 
 def test_end_step_moves_pending_into_the_history_and_the_next_step_uses_it():
     x, w, dy = case(1)
     state = new_state(3)
     run(x, w, dy, state, delayed=False)
-    amax = state[:, PENDING].clone()
+    amax = state[PENDING].clone()
     roll(state)
-    assert torch.equal(state[:, -2], amax) and state[:, PENDING].eq(0).all() and state[:, :-2].eq(0).all()
+    assert torch.equal(state[0], amax) and state[PENDING].eq(0).all() and state[1:PENDING].eq(0).all()
 
     x2, w2, dy2 = 0.5 * x, w, 0.25 * dy  # smaller than the history: scaled by the history, not by themselves
     y, dx, dw = run(x2, w2, dy2, state, delayed=True)
@@ -81,26 +85,28 @@ def test_end_step_moves_pending_into_the_history_and_the_next_step_uses_it():
     torch.testing.assert_close(dw, qdy.t() @ qx, rtol=1e-6, atol=0)
     # Nothing saturated, so the amaxes read back from the FP8 values are those of the FP8 tensors.
     recorded = [qx.abs().max(), qw.abs().max(), qdy.abs().max()]
-    assert state[:3, PENDING].tolist() == pytest.approx([float(v) for v in recorded], rel=1e-6)
+    assert state[PENDING, :3].tolist() == pytest.approx([float(v) for v in recorded], rel=1e-6)
 
 
 def test_a_tensor_that_outgrows_its_history_saturates_and_its_scale_grows_until_it_fits():
     x, w, dy = case(2)
     state = new_state(2)
     run(x, w, dy, state, delayed=False)
-    first_amax = float(state[X, PENDING])
+    first_amax = float(state[PENDING, X])
     roll(state)
     big = 5 * x  # 5x the history: past the 2x headroom
     y, _, _ = run(big, w, dy, state, delayed=True)
     scale = MARGIN * first_amax / FP8_MAX
     assert e4m3(big, scale).abs().max() == pytest.approx(FP8_MAX * scale)  # clamped, finite
     assert torch.isfinite(y).all()
-    assert float(state[X, PENDING]) == pytest.approx(MARGIN * FP8_MAX * scale)  # = 4x the first amax
-    roll(state)  # the next scale comes from 4x: still short of 5x, so it saturates and grows again
-    run(big, w, dy, state, delayed=True)
-    roll(state)
-    run(big, w, dy, state, delayed=True)  # the history now holds 8x: 5x fits and is recorded exactly
-    assert float(state[X, PENDING]) == pytest.approx(float(big.abs().max()), rel=2 ** -3)
+    assert float(state[PENDING, X]) == pytest.approx(MARGIN * FP8_MAX * scale)  # = 4x the first amax
+    roll(state)  # the ring of 2 holds 1x and 4x; the headroom over 4x reaches 8x
+    assert sorted(state[:PENDING, X].tolist()) == pytest.approx([first_amax, 4 * first_amax])
+    run(big, w, dy, state, delayed=True)  # 5x fits and is recorded exactly (to e4m3 rounding)
+    assert float(state[PENDING, X]) == pytest.approx(float(big.abs().max()), rel=2 ** -4)
+    roll(state)  # the ring drops 1x, its oldest entry: 4x and 5x remain
+    low, high = sorted(state[:PENDING, X].tolist())
+    assert low == pytest.approx(4 * first_amax) and high == pytest.approx(float(big.abs().max()), rel=2 ** -4)
 
 
 def test_a_recompute_in_the_same_step_quantizes_identically():
@@ -109,9 +115,9 @@ def test_a_recompute_in_the_same_step_quantizes_identically():
     run(x, w, dy, state, delayed=False)
     roll(state)
     first = run(1.5 * x, w, dy, state, delayed=True)
-    pending = state[:, PENDING].clone()
+    pending = state[PENDING].clone()
     again = run(1.5 * x, w, dy, state, delayed=True)  # activation checkpointing's recompute, or a 2nd micro-batch
-    assert all(torch.equal(a, b) for a, b in zip(first, again)) and torch.equal(state[:, PENDING], pending)
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and torch.equal(state[PENDING], pending)
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
@@ -120,7 +126,7 @@ def test_each_delayed_fp8_gemm_is_within_e4m3_error_of_float64(level):
     state = new_state(2)
     run(x, w, dy, state, delayed=False, level=level)
     if level == 2:
-        assert state[3, PENDING] > 0  # level 2 quantizes dY rotated along tokens too, in its own row
+        assert state[PENDING, 3] > 0  # level 2 quantizes dY rotated along tokens too, in its own row
     roll(state)
     y, dx, dw = run(x, w, dy, state, delayed=True, level=level)
     for name, actual, expected in (("forward", y, x @ w.t()), ("input grad", dx, dy @ w), ("weight grad", dw, dy.t() @ x)):
@@ -131,7 +137,7 @@ def test_each_delayed_fp8_gemm_is_within_e4m3_error_of_float64(level):
 def test_halo_linear_keeps_its_state_out_of_the_state_dict_and_needs_a_state_to_delay():
     linear = nn.Linear(16, 8)
     halo = HaloLinear.from_linear(linear, level=0, scaling="delayed", amax_history=5)
-    assert halo.amax_state.shape == (4, 6) and not halo.delayed_active
+    assert halo.amax_state.shape == (6, 4) and not halo.delayed_active
     assert set(halo.state_dict()) == {"weight", "bias"}
     with pytest.raises(ValueError, match="amax_state"):
         halo_matmul(torch.randn(4, 16), linear.weight, level=0, delayed=True)
@@ -165,7 +171,7 @@ def test_delayed_scaling_trains_like_current_scaling(checkpointing):
     assert actual[-1] < 0.5 * actual[0]
     assert actual[-1] == pytest.approx(expected[-1], rel=0.05)
     states = [m.amax_state for m in delayed.modules() if isinstance(m, HaloLinear)]
-    assert states and all(s[:3, :-1].gt(0).all() for s in states)  # four steps of x, w, dy amaxes in each history
+    assert states and all(s[:-1, :3].gt(0).all() for s in states)  # four steps of x, w, dy amaxes in each history
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the Hadamard blocks' cache
@@ -196,7 +202,7 @@ def test_the_trainer_ends_each_step_and_the_config_checks_the_options(tmp_path):
     losses = [trainer.step().loss for _ in range(3)]
     assert all(loss == loss for loss in losses)
     halos = [m for m in trainer.model.modules() if isinstance(m, HaloLinear)]
-    assert halos and all(m.delayed_active and m.amax_state[:3, :-1].gt(0).all() for m in halos)
+    assert halos and all(m.delayed_active and m.amax_state[:-1, :3].gt(0).all() for m in halos)
     with pytest.raises(ConfigError, match="quant.halo_scaling=delayed runs on runtime=reference"):
         TrainConfig.from_yaml(None, ["quant.mode=halo", "quant.halo_scaling=delayed", "runtime=fuyou"])
     with pytest.raises(ConfigError, match="quant.halo_amax_history must be >= 1"):
