@@ -52,11 +52,7 @@ Layouts (CUDA). FP8 `_scaled_mm` on Hopper takes only A row-major and B column-m
 with the reduced axis contiguous. The weight gradient reduces over tokens, so it needs X^T and dY^T with
 tokens contiguous, and the input gradient needs W^T. The quantizer therefore writes each FP8 tensor in the
 layouts its GEMMs need, in the same pass that scales it: the forward keeps Q(X H_I)^T and Q(W H_I)^T for
-backward (the same bytes as keeping the row-major copies). X and dY, the large ones, get their transposed
-copy from their FP8 bytes once the first GEMM has consumed the row-major one (`transpose_after_gemm`):
-Inductor otherwise fuses the transposed 1-byte stores into the producer's kernel, where they ran at
-about half the bandwidth (GELU's backward into both layouts: 0.475 ms in the 1.3B step against 0.276 in
-bf16, [16384, 8192], H100), while a separate transpose reads and writes 1 B an element near it. On CUDA the quantizer (amax, scale, cast, both
+backward (the same bytes as keeping the row-major copies). On CUDA the quantizer (amax, scale, cast, both
 layouts) runs through torch.compile with static shapes, two fused kernels, unless `use_compiled_quantizer(False)`; if the
 compiler fails it warns once and falls back to eager torch ops. Inside a block compiled whole (`train.compile`,
 fuyou.block_compile) the quantizer is traced into the block's graph instead.
@@ -83,14 +79,6 @@ HADAMARD_BLOCK = 256
 
 # Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
 _compiler = {"enabled": True, "failed": False, "function": None}
-# Whether X's and dY's transposed FP8 copies are made after their first GEMM (see transpose_after_gemm).
-_layouts = {"transpose_after_gemm": True}
-
-
-def transpose_after_gemm(enabled: bool) -> None:
-    """Make X's and dY's transposed FP8 copies from their FP8 bytes after the first GEMM consumed them
-    (enabled, the default), or in the quantizer's pass beside the row-major ones (module docstring, Layouts)."""
-    _layouts["transpose_after_gemm"] = enabled
 
 
 def use_compiled_quantizer(enabled: bool) -> None:
@@ -203,11 +191,6 @@ def _record(operand: _Operand | None, state_row: torch.Tensor | None, delayed: b
         delayed_scaling.record_from_fp8(state_row, operand.values, operand.scale)
 
 
-def _transposed(operand: _Operand) -> _Operand:
-    """operand [R, C] as a contiguous [C, R] copy of its FP8 values, with the same scale."""
-    return _Operand(operand.values.t().contiguous(), operand.scale)
-
-
 def _pad_to(x_RC: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     if x_RC.shape == (rows, cols):
         return x_RC
@@ -257,16 +240,13 @@ class HaloMatmul(torch.autograd.Function):
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rotated = level >= 1
         rows = [None] * 4 if amax_state is None else list(amax_state.unbind(1))  # x, w, dy, dy rotated along tokens
-        late_x_t = needs_dw and quantize and _layouts["transpose_after_gemm"]
         with torch.autocast(x_TI.device.type, enabled=False):
             # Q(X H_I), and its transpose for dW = dY^T X; Q(W H_I), and its transpose for dX = dY W.
-            x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw and not late_x_t,
+            x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw,
                                      state_row=rows[0], delayed=delayed)
             w_op, w_t_op = _operands(_rotate(weight_OI, -1, block) if rotated else weight_OI, quantize, cols=needs_dx,
                                      state_row=rows[1], delayed=delayed)
             y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True)  # (X H_I)(W H_I)^T = X W^T
-            if late_x_t:
-                x_t_op = _transposed(x_op)
             _record(x_op, rows[0], delayed)
             _record(w_op, rows[1], delayed)
         # The state is mutated in place by backward's recording too, so it rides on ctx, not in saved tensors.
@@ -287,9 +267,7 @@ class HaloMatmul(torch.autograd.Function):
         with torch.autocast(dy_TO.device.type, enabled=False):
             # One quantization of dY serves both GEMMs (level 2 rotates it along tokens for dX only).
             rows, delayed = ctx.rows, ctx.delayed
-            # dY^T after dX's GEMM, from Q(dY)'s bytes; at level 2 dX takes a token-rotated dY instead.
-            late_dy_t = needs_dw and needs_dx and level < 2 and quantize and _layouts["transpose_after_gemm"]
-            dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw and not late_dy_t,
+            dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
                                        state_row=rows[2], delayed=delayed)
             plain_dy_op = dy_op if dy_op is not None else dy_t_op  # Q(dY), before level 2 rotates it for dX
             if needs_dx:
@@ -301,8 +279,6 @@ class HaloMatmul(torch.autograd.Function):
                 if level >= 1:
                     dx_TI = _rotate(dx_TI, -1, block, inverse=True)  # . H_I^T : dY W
             if needs_dw:
-                if late_dy_t:
-                    dy_t_op = _transposed(dy_op)
                 dw_OI = _gemm(dy_t_op, _Operand(x_t_values, ctx.x_scale), ctx.weight_dtype)  # dY^T X [H_I]
                 if level >= 1:
                     dw_OI = _rotate(dw_OI, -1, block, inverse=True)  # . H_I^T : dY^T X

@@ -11,9 +11,7 @@ Kernel time against the median step says how much of the step the GPU computes a
 
 `--foreach-adamw` swaps the trainer's torch AdamW (fused on CUDA since the reference adopted it) for the
 foreach one, torch's default on CUDA, with the same groups and hyper-parameters: what the optimizer costs
-each mode. A `-delayed` variant (e.g. `halo0-delayed`) sets `quant.halo_scaling=delayed`; `-fusedt` writes
-X's and dY's transposed FP8 copies in the quantizer's pass (`quant.halo.transpose_after_gemm(False)`), as
-before that became the default. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
+each mode. A `-delayed` variant (e.g. `halo0-delayed`) sets `quant.halo_scaling=delayed`. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
 64th row instead of the whole tensor, clamping what overflows: the quantizer's cast then waits on a reduction
 over 1/64 of the data, about what delayed scaling (last step's amax) would cost. A timing bound only, its
 numerics are not HALO's. `--kernels-json` writes every profiled kernel's total milliseconds per variant. Variants alternate in one process, so compare them within one run only.
@@ -68,12 +66,11 @@ def build(args, variant: str):
         f"train.compile={'true' if args.compile else 'false'}",
     ]
     variant, *flags = variant.split("-")
-    unknown = set(flags) - {"sampled", "delayed", "fusedt"}
+    unknown = set(flags) - {"sampled", "delayed"}
     if unknown:
-        raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled, -delayed, -fusedt")
+        raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled or -delayed")
     delayed = "delayed" in flags
     quant.halo._quantize_math = _sampled_quantize_math if "sampled" in flags else _QUANTIZE_MATH
-    quant.halo.transpose_after_gemm("fusedt" not in flags)
     torch._dynamo.reset()  # variants alternate in one process: trace the quantizer each one uses afresh
     if variant.startswith("halo"):
         overrides += ["quant.mode=halo", f"quant.halo_level={int(variant[4:])}"]
