@@ -99,8 +99,8 @@ def _quantize_math(x_RC: torch.Tensor, rows: bool, cols: bool, state_row: torch.
                    delayed: bool = False):
     """(x_fp8 [R, C] or None, x_fp8^T contiguous [C, R] or None, scale) with x ≈ x_fp8 * scale.
 
-    With `state_row` (one operand's row of a HaloLinear's `amax_state`) and current scaling, the amax is
-    also recorded; `delayed` takes the scale from that row's history instead, and the caller records the
+    With `state_row` (one operand's column of a HaloLinear's `amax_state`) and current scaling, the amax is
+    also recorded; `delayed` takes the scale from that column's history instead, and the caller records the
     amax from the FP8 values once a GEMM has consumed them (`_record`).
 
     No clamp is needed before the cast: |x| / scale <= 448 up to one rounding, and e4m3fn rounds anything
