@@ -18,8 +18,7 @@ x, w, dy, and dy rotated along tokens (level 2's input gradient) (OPERANDS).
 - Row H is pending: the running max of this step's amaxes.
 
 Within a step the scale reads only the history, so it is the same for every micro-batch and for a
-recompute. Activation checkpointing and the Fuyou runtime's recompute therefore quantize exactly as
-the forward did, and recording twice changes nothing, since pending is a max. `end_step` moves
+recompute. Activation checkpointing's recompute therefore quantizes exactly as the forward did, and recording twice changes nothing, since pending is a max. `end_step` moves
 pending into the history once per optimizer step: the trainer calls it after each step. It is two
 foreach kernels for the whole model, since it runs after the step's loss was read, while the GPU waits.
 
