@@ -79,6 +79,35 @@ HADAMARD_BLOCK = 256
 
 # Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
 _compiler = {"enabled": True, "failed": False, "function": None}
+# Whether delayed scaling on CUDA casts through quant.fp8_cast's Triton kernel (see use_fused_cast).
+_fused_cast = {"enabled": True, "failed": False, "loaded": False}
+
+
+def use_fused_cast(enabled: bool) -> None:
+    """Delayed scaling on CUDA casts with `quant.fp8_cast`'s one-pass Triton kernel (enabled, the default),
+    or with torch ops that Inductor fuses (the amax then read back from the FP8 values, `_record`)."""
+    _fused_cast["enabled"] = enabled
+
+
+def _load_fused_cast() -> bool:
+    """Imports quant.fp8_cast (and Triton) once; False, with one warning, where Triton is missing."""
+    if not (_fused_cast["loaded"] or _fused_cast["failed"]):
+        try:
+            import quant.fp8_cast  # noqa: F401
+            import quant.halo_mlp  # noqa: F401 - imports quant.halo: load it here, not while tracing
+            _fused_cast["loaded"] = True
+        except ImportError as error:
+            warnings.warn(f"quant.fp8_cast needs Triton ({error}); delayed scaling casts with torch ops", stacklevel=2)
+            _fused_cast["failed"] = True
+    return _fused_cast["loaded"]
+
+
+def fused_cast_ready(x: torch.Tensor) -> bool:
+    """Whether `quant.fp8_cast` casts x: a CUDA tensor, the kernel enabled, and Triton loaded. Under
+    torch.compile nothing is imported (HaloLinear loads it when built for delayed scaling with CUDA present)."""
+    if not (x.is_cuda and _fused_cast["enabled"]):
+        return False
+    return _fused_cast["loaded"] if torch.compiler.is_compiling() else _load_fused_cast()
 
 
 def use_compiled_quantizer(enabled: bool) -> None:
@@ -183,6 +212,16 @@ def _operands(x_RC: torch.Tensor, quantize: bool, *, rows: bool = True, cols: bo
     return (_Operand(x_rows, scale) if rows else None), (_Operand(x_cols, scale) if cols else None)
 
 
+def _cast_operands(x_RC: torch.Tensor, amax_state: torch.Tensor, operand: int, *, rows: bool = True,
+                   cols: bool = False):
+    """Delayed scaling's (x [R, C], x^T [C, R]) operands from `quant.fp8_cast`'s kernel, which also records
+    the amax in `amax_state`'s column `operand` (so no `_record` after the GEMM)."""
+    from quant import fp8_cast
+
+    rows_RC, cols_CR, scale, _ = fp8_cast.cast(x_RC.contiguous(), amax_state, operand, rows=rows, cols=cols)
+    return (_Operand(rows_RC, scale) if rows else None), (_Operand(cols_CR, scale) if cols else None)
+
+
 def _record(operand: _Operand | None, state_row: torch.Tensor | None, delayed: bool) -> None:
     """Delayed scaling's amax, read back from an FP8 operand. Called after a GEMM consumed the operand: by then
     Inductor has the FP8 tensor in memory and the reduction reads its bytes (1 B an element); called before,
@@ -240,17 +279,23 @@ class HaloMatmul(torch.autograd.Function):
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rotated = level >= 1
         rows = [None] * 4 if amax_state is None else list(amax_state.unbind(1))  # x, w, dy, dy rotated along tokens
+        # Delayed scaling on CUDA: one kernel casts, writes both layouts and records (quant.fp8_cast).
+        fused = quantize and delayed and fused_cast_ready(x_TI)
         with torch.autocast(x_TI.device.type, enabled=False):
             # Q(X H_I), and its transpose for dW = dY^T X; Q(W H_I), and its transpose for dX = dY W.
-            x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw,
-                                     state_row=rows[0], delayed=delayed)
-            w_op, w_t_op = _operands(_rotate(weight_OI, -1, block) if rotated else weight_OI, quantize, cols=needs_dx,
-                                     state_row=rows[1], delayed=delayed)
+            x_in = _rotate(x_TI, -1, block) if rotated else x_TI
+            w_in = _rotate(weight_OI, -1, block) if rotated else weight_OI
+            if fused:
+                x_op, x_t_op = _cast_operands(x_in, amax_state, 0, cols=needs_dw)
+                w_op, w_t_op = _cast_operands(w_in, amax_state, 1, cols=needs_dx)
+            else:
+                x_op, x_t_op = _operands(x_in, quantize, cols=needs_dw, state_row=rows[0], delayed=delayed)
+                w_op, w_t_op = _operands(w_in, quantize, cols=needs_dx, state_row=rows[1], delayed=delayed)
             y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True)  # (X H_I)(W H_I)^T = X W^T
-            _record(x_op, rows[0], delayed)
-            _record(w_op, rows[1], delayed)
+            _record(x_op, rows[0], delayed and not fused)
+            _record(w_op, rows[1], delayed and not fused)
         # The state is mutated in place by backward's recording too, so it rides on ctx, not in saved tensors.
-        ctx.rows, ctx.delayed = rows, delayed
+        ctx.rows, ctx.delayed, ctx.amax_state, ctx.fused = rows, delayed, amax_state, fused
         ctx.level, ctx.quantize, ctx.block = level, quantize, block
         ctx.x_dtype, ctx.weight_dtype = x_TI.dtype, weight_OI.dtype
         ctx.x_scale, ctx.w_scale = x_op.scale, w_op.scale
@@ -266,13 +311,18 @@ class HaloMatmul(torch.autograd.Function):
         dx_TI = dw_OI = None
         with torch.autocast(dy_TO.device.type, enabled=False):
             # One quantization of dY serves both GEMMs (level 2 rotates it along tokens for dX only).
-            rows, delayed = ctx.rows, ctx.delayed
-            dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
-                                       state_row=rows[2], delayed=delayed)
+            rows, delayed, fused = ctx.rows, ctx.delayed, ctx.fused
+            if fused:
+                dy_op, dy_t_op = _cast_operands(dy_TO, ctx.amax_state, 2, rows=needs_dx and level < 2, cols=needs_dw)
+            else:
+                dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
+                                           state_row=rows[2], delayed=delayed)
             plain_dy_op = dy_op if dy_op is not None else dy_t_op  # Q(dY), before level 2 rotates it for dX
             if needs_dx:
-                if level == 2:
-                    dy_op, _ = _operands(_rotate(dy_TO, 0, block), quantize, state_row=rows[3], delayed=delayed)  # Q(H_T^T dY)
+                if level == 2:  # Q(H_T^T dY)
+                    dy_rotated = _rotate(dy_TO, 0, block)
+                    dy_op = (_cast_operands(dy_rotated, ctx.amax_state, 3)[0] if fused else
+                             _operands(dy_rotated, quantize, state_row=rows[3], delayed=delayed)[0])
                 dx_TI = _gemm(dy_op, _Operand(w_t_values, ctx.w_scale), ctx.x_dtype)  # [H_T^T] dY W [H_I]
                 if level == 2:
                     dx_TI = _rotate(dx_TI, 0, block, inverse=True)  # H_T . : dY W H_I
@@ -282,9 +332,9 @@ class HaloMatmul(torch.autograd.Function):
                 dw_OI = _gemm(dy_t_op, _Operand(x_t_values, ctx.x_scale), ctx.weight_dtype)  # dY^T X [H_I]
                 if level >= 1:
                     dw_OI = _rotate(dw_OI, -1, block, inverse=True)  # . H_I^T : dY^T X
-            _record(plain_dy_op, rows[2], delayed)
+            _record(plain_dy_op, rows[2], delayed and not fused)
             if needs_dx and level == 2:
-                _record(dy_op, rows[3], delayed)
+                _record(dy_op, rows[3], delayed and not fused)
         return dx_TI, dw_OI, None, None, None, None, None, None
 
 
@@ -347,6 +397,8 @@ class HaloLinear(nn.Linear):
         # Not persistent: scaling statistics are no part of the model's weights or its HF export.
         state = delayed_scaling.new_state(amax_history, self.weight.device) if scaling == "delayed" else None
         self.register_buffer("amax_state", state, persistent=False)
+        if scaling == "delayed" and quantize and torch.cuda.is_available():
+            _load_fused_cast()  # now, not inside a compiled graph
         self.delayed_active = False  # the first step scales currently, then end_step switches (no history yet)
         self.amax_steps = 0  # optimizer steps recorded: end_step's next history slot
 
@@ -382,6 +434,15 @@ class HaloLinear(nn.Linear):
                            delayed=self.amax_state is not None and self.delayed_active)
         y = y_TO.reshape(*x.shape[:-1], self.out_features)  # reshape: a padded _scaled_mm result is a slice
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def forward_gelu_mlp(self, up_proj: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """self(gelu_tanh(up_proj(x))) with the GELU computed inside the FP8 casts (`quant.halo_mlp`), for a
+        GPT MLP whose down-projection this is; None where that path does not apply."""
+        if not self.delayed_active:  # cheap exit first: current scaling, or delayed scaling's first step
+            return None
+        from quant.halo_mlp import gelu_mlp
+
+        return gelu_mlp(up_proj, self, x)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, level={self.level}, quantize={self.quantize}, "

@@ -1,7 +1,13 @@
-"""Shared test set-up: GPU tests (marked `gpu`) are skipped where PyTorch sees no CUDA device."""
+"""Shared test set-up: GPU tests (marked `gpu`) are skipped where PyTorch sees no CUDA device, and there
+Triton kernels run under Triton's interpreter (on CPU tensors), which must be chosen before triton loads."""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

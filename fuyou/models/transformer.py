@@ -273,6 +273,13 @@ class GeluMlp(nn.Module):
         self.down_proj = nn.Linear(config.ffn_size, config.hidden_size)
 
     def forward(self, x_BSD: torch.Tensor, output_unused: bool = False) -> torch.Tensor:
+        # A down-projection that can run the whole MLP with the GELU inside its FP8 casts (HALO's linear with
+        # delayed scaling, quant.halo_mlp) does; it returns None where it cannot.
+        fused = getattr(self.down_proj, "forward_gelu_mlp", None)
+        if fused is not None and not output_unused:
+            y_BSD = fused(self.up_proj, x_BSD)
+            if y_BSD is not None:
+                return y_BSD
         return _last_linear(self.down_proj, F.gelu(self.up_proj(x_BSD), approximate="tanh"), output_unused)
 
 

@@ -1,0 +1,163 @@
+"""One pass from bf16 to FP8 e4m3 in both GEMM layouts, with the amax recorded: HALO's delayed-scaling cast.
+
+Why hand-written. HALO's FP8 GEMMs need each operand in e4m3 twice, row-major [R, C] and transposed [C, R]
+(`quant.halo`, Layouts), and delayed scaling needs every tensor's amax for the next steps' scales
+(`quant.delayed_scaling`). Written as torch ops, Inductor fuses the cast into the producer's kernel, but
+inside the training step it writes the transposed FP8 layout at about half the memory bandwidth (GELU's
+backward: 11.4 ms a step with the FP8 copies against 6.3 ms in bf16), and it takes the amaxes in separate
+reductions that recompute their producers (29 ms a step at batch 8, GPT-3 1.3B shape; benchmarks/RESULTS.md,
+tenth and twelfth sessions). None of our dependencies casts to FP8 in two layouts with a running amax:
+torch has no such op, and Transformer Engine and torchao, which do, are not dependencies. Triton ships with
+torch's CUDA builds, and `torch.library.triton_op` lets torch.compile place the kernel inside the
+compiled step (it is opaque to Inductor's fusion, hence the prologues below).
+
+One launch, one program per tile [BLOCK_R, BLOCK_C] of x [R, C]:
+
+    s     = MARGIN · max(the operand's history) / 448, or 1 if empty   (delayed_scaling.scale_from_history)
+    v     = x                          prologue "none"
+          = gelu_tanh(x + b)           prologue "gelu":          x is the up-projection's GEMM output
+          = x · gelu_tanh'(u + b)      prologue "gelu_backward": x is dL/d gelu, u the saved GEMM output
+    q     = e4m3(clamp(v / s, ±448)), rounded to nearest even → rows [R, C] and/or cols [C, R]
+    amax  pending = max(pending, max |v|)    (atomic max into the state's pending row)
+    sum   optionally Σ_r v [C] in fp32 (atomic adds): the up-projection's bias gradient, when v = dL/du
+
+The prologues exist because the op is opaque to Inductor: the MLP's GELU and its derivative are computed
+here, where the FP8 values are written, instead of in a kernel of their own that writes bf16 for this one
+to read (2 + 2 bytes an element of [T, 4D] more, `quant.halo_mlp`).
+
+Amax. The kernel sees v before the clamp, so it records the exact amax even when v saturated, and the next
+scale fits it at once; the torch ops (CPU, or CUDA without Triton) can only read it back from the FP8
+values and grow the scale MARGIN× a step (`delayed_scaling.record_from_fp8`). The scale depends only on the
+history rows, which no kernel writes, so every tile, micro-batch and recompute of a step uses the same one.
+
+`reference(...)` is the same math in torch ops, for the tests. On the CPU the kernel runs under Triton's
+interpreter (TRITON_INTERPRET=1, tests only), whose e4m3 rounding is not round-to-nearest-even: the CPU
+tests allow one e4m3 step there, and the GPU test wants equal bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from quant import fp8_cast_kernel
+from quant.delayed_scaling import FP8_MAX, MARGIN
+
+FP8_DTYPE = torch.float8_e4m3fn
+PROLOGUES = {"none": 0, "gelu": 1, "gelu_backward": 2}
+GELU_K0, GELU_K1 = fp8_cast_kernel.GELU_K0, fp8_cast_kernel.GELU_K1
+# Tile and warps: chosen by `python -m benchmarks.diag.fp8_cast` on the H100 (benchmarks/RESULTS.md).
+BLOCK_R, BLOCK_C, NUM_WARPS = 64, 128, 8
+
+
+def _launch(kernel, x_RC: torch.Tensor, state: torch.Tensor, operand: int, rows: bool, cols: bool,
+            prologue: str, bias: torch.Tensor | None, saved: torch.Tensor | None, colsum: bool,
+            block_r: int, block_c: int, num_warps: int):
+    R, C = x_RC.shape
+    device = x_RC.device
+    empty = functools.partial(torch.empty, device=device)
+    rows_RC = empty((R, C) if rows else (0,), dtype=FP8_DTYPE)
+    cols_CR = empty((C, R) if cols else (0,), dtype=FP8_DTYPE)
+    scale = empty((), dtype=torch.float32)
+    colsum_C = torch.zeros((C,) if colsum else (0,), dtype=torch.float32, device=device)
+    history = state.shape[0] - 1
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    kernel[grid](
+        x_RC, saved if saved is not None else x_RC, bias if bias is not None else x_RC, rows_RC, cols_CR, state,
+        scale, colsum_C, R, C, operand, history, state.shape[1],
+        PROLOGUE=PROLOGUES[prologue], HAS_BIAS=bias is not None, WRITE_ROWS=rows, WRITE_COLS=cols, COLSUM=colsum,
+        HISTORY_BLOCK=triton.next_power_of_2(history), SCALE_PER_AMAX=MARGIN / FP8_MAX, LIMIT=FP8_MAX,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return rows_RC, cols_CR, scale, colsum_C
+
+
+def _check(x_RC: torch.Tensor, state: torch.Tensor, operand: int, prologue: str, bias, saved, colsum: bool):
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue must be one of {sorted(PROLOGUES)}, got {prologue!r}")
+    if x_RC.dim() != 2 or not x_RC.is_contiguous():
+        raise ValueError(f"x must be a contiguous [R, C] tensor, got shape {tuple(x_RC.shape)}")
+    if state.dtype != torch.float32 or state.dim() != 2 or not state.is_contiguous() or not 0 <= operand < state.shape[1]:
+        raise ValueError(f"state must be a contiguous fp32 [history + 1, operands] tensor with column {operand}")
+    if (prologue == "gelu_backward") != (saved is not None):
+        raise ValueError("the gelu_backward prologue, and only it, takes the saved pre-activation")
+    if saved is not None and (saved.shape != x_RC.shape or not saved.is_contiguous()):
+        raise ValueError(f"saved must be contiguous and shaped like x {tuple(x_RC.shape)}")
+    if bias is not None and (prologue == "none" or bias.shape != (x_RC.shape[1],)):
+        raise ValueError("a bias goes with a GELU prologue and has one value per column")
+    if colsum and prologue == "gelu":
+        raise ValueError("column sums are for gradients (prologue none or gelu_backward)")
+
+
+def cast_eager(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, rows: bool = True, cols: bool = False,
+               prologue: str = "none", bias: torch.Tensor | None = None, saved: torch.Tensor | None = None,
+               colsum: bool = False, block_r: int = BLOCK_R, block_c: int = BLOCK_C, num_warps: int = NUM_WARPS):
+    """The kernel launched directly (no custom op): for tests (interpreter) and the tile benchmark.
+
+    Returns (rows [R, C] FP8 or empty, cols [C, R] FP8 or empty, scale: fp32 scalar, colsum [C] fp32 or
+    empty). Records max |v| into state[history, operand] (the module docstring's table).
+    """
+    _check(x_RC, state, operand, prologue, bias, saved, colsum)
+    return _launch(fp8_cast_kernel.cast_kernel, x_RC, state, operand, rows, cols, prologue, bias, saved, colsum,
+                   block_r, block_c, num_warps)
+
+
+@torch.library.triton_op("fuyou::fp8_cast", mutates_args={"state"})
+def _fp8_cast_op(x_RC: torch.Tensor, state: torch.Tensor, operand: int, rows: bool, cols: bool, prologue: str,
+                 bias: torch.Tensor | None, saved: torch.Tensor | None, colsum: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch(torch.library.wrap_triton(fp8_cast_kernel.cast_kernel), x_RC, state, operand, rows, cols, prologue, bias, saved,
+                   colsum, BLOCK_R, BLOCK_C, NUM_WARPS)
+
+
+def cast(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, rows: bool = True, cols: bool = False,
+         prologue: str = "none", bias: torch.Tensor | None = None, saved: torch.Tensor | None = None,
+         colsum: bool = False):
+    """cast_eager's work as the custom op `fuyou::fp8_cast`, which torch.compile keeps inside a compiled graph.
+
+    Args:
+        x_RC: contiguous [R, C] (bf16, or any float dtype the kernel can load) on a CUDA device.
+        state: the HaloLinear's `amax_state` [history + 1, operands] fp32; mutated (the pending row).
+        operand: the column of `state` this tensor scales by and records into.
+        rows, cols: which FP8 layouts to write.
+        prologue: "none", "gelu" or "gelu_backward" (module docstring).
+        bias: [C], added to the GELU's input (GELU prologues only).
+        saved: [R, C] pre-activation u, for "gelu_backward" only.
+        colsum: also return Σ_r v [C] fp32.
+
+    Returns:
+        (rows [R, C] or empty, cols [C, R] or empty, scale fp32 scalar with v ≈ q · scale, colsum or empty).
+    """
+    _check(x_RC, state, operand, prologue, bias, saved, colsum)
+    return _fp8_cast_op(x_RC, state, operand, rows, cols, prologue, bias, saved, colsum)
+
+
+def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
+    """The "gelu" prologue's v in fp32, written as the kernel computes it."""
+    t = torch.tanh(GELU_K0 * (u + GELU_K1 * u * u * u))
+    return 0.5 * u * (1.0 + t)
+
+
+def gelu_tanh_backward(dv: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The "gelu_backward" prologue's v in fp32: dv · gelu_tanh'(u)."""
+    t = torch.tanh(GELU_K0 * (u + GELU_K1 * u * u * u))
+    return dv * (0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * GELU_K0 * (1.0 + 3.0 * GELU_K1 * u * u))
+
+
+def reference(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, prologue: str = "none",
+              bias: torch.Tensor | None = None, saved: torch.Tensor | None = None):
+    """The kernel's math in torch ops: (q [R, C] FP8, scale, v fp32 [R, C]); records into state like the kernel."""
+    x = x_RC.float()
+    if prologue == "none":
+        v = x
+    else:
+        u = x if prologue == "gelu" else saved.float()
+        if bias is not None:
+            u = u + bias.float()
+        v = gelu_tanh(u) if prologue == "gelu" else gelu_tanh_backward(x, u)
+    past_amax = state[:-1, operand].max()
+    scale = torch.where(past_amax > 0, past_amax * (MARGIN / FP8_MAX), torch.ones_like(past_amax))
+    q = (v * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    state[-1, operand] = torch.maximum(state[-1, operand], v.abs().max())
+    return q, scale, v

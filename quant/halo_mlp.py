@@ -1,0 +1,81 @@
+"""HALO's GPT MLP, down(gelu(up(x))), with the GELU and its derivative computed inside the FP8 casts.
+
+Why. `quant.fp8_cast` is a custom op, opaque to Inductor, so a GELU outside it would be a kernel of its own
+that writes bf16 [T, F] (F = 4D) for the cast to read back: 4 bytes an element more in the forward, and again
+for GELU's backward, on the block's largest activations. Inside one autograd function the casts take the
+up-projection's GEMM output u (bias not yet added) and do the rest in the pass that writes the FP8 copies:
+
+    forward                                           backward (dY [T, D] in)
+    Q(x), Q(W_up)             -> u = x W_up^T         Q(dY)                      -> dW_down = dY^T A
+    A = gelu(u + b_up) -> Q(A), Q(W_down)              dA = dY W_down            (bf16 [T, F])
+    y = A W_down^T   (+ b_down, outside)              du = dA · gelu'(u + b_up)  -> Q(du), and db_up = Σ_t du
+                                                      dW_up = du^T x, dx = du W_up
+
+Every Q is delayed scaling with the amax recorded in the kernel, into the same columns of the two layers'
+`amax_state` that the unfused path uses (x, w, dy of each), so a run can switch between them. Only level 0
+(the rotations of levels 1-2 would sit between the GELU and the cast), delayed scaling past its first step,
+CUDA with Triton, and both linears plain HaloLinears with trainable weights take this path; `gelu_mlp`
+returns None otherwise and the MLP runs unfused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quant.halo import HaloLinear, _gemm, _Operand, fused_cast_ready
+
+
+class HaloGeluMlp(torch.autograd.Function):
+    """y_TD = gelu(x_TD W_up^T + b_up) W_down^T (table in the module docstring); b_down is added outside."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_up_FD, b_up_F, w_down_DF, state_up, state_down):
+        from quant.fp8_cast import cast
+
+        with torch.autocast(x_TD.device.type, enabled=False):
+            x_rows, x_cols, x_scale, _ = cast(x_TD, state_up, 0, rows=True, cols=True)
+            wu_rows, wu_cols, wu_scale, _ = cast(w_up_FD, state_up, 1, rows=True, cols=True)
+            u_TF = _gemm(_Operand(x_rows, x_scale), _Operand(wu_rows, wu_scale), x_TD.dtype, fast_accum=True)
+            a_rows, a_cols, a_scale, _ = cast(u_TF, state_down, 0, rows=True, cols=True, prologue="gelu", bias=b_up_F)
+            wd_rows, wd_cols, wd_scale, _ = cast(w_down_DF, state_down, 1, rows=True, cols=True)
+            y_TD = _gemm(_Operand(a_rows, a_scale), _Operand(wd_rows, wd_scale), x_TD.dtype, fast_accum=True)
+        ctx.save_for_backward(x_cols, wu_cols, u_TF, b_up_F, a_cols, wd_cols, x_scale, wu_scale, a_scale, wd_scale)
+        ctx.states = (state_up, state_down)
+        ctx.dtypes = (x_TD.dtype, w_up_FD.dtype, w_down_DF.dtype)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        from quant.fp8_cast import cast
+
+        x_cols, wu_cols, u_TF, b_up_F, a_cols, wd_cols, x_scale, wu_scale, a_scale, wd_scale = ctx.saved_tensors
+        state_up, state_down = ctx.states
+        x_dtype, w_up_dtype, w_down_dtype = ctx.dtypes
+        with torch.autocast(dy_TD.device.type, enabled=False):
+            dy_rows, dy_cols, dy_scale, _ = cast(dy_TD.contiguous(), state_down, 2, rows=True, cols=True)
+            dw_down_DF = _gemm(_Operand(dy_cols, dy_scale), _Operand(a_cols, a_scale), w_down_dtype)
+            da_TF = _gemm(_Operand(dy_rows, dy_scale), _Operand(wd_cols, wd_scale), x_dtype)
+            du_rows, du_cols, du_scale, db_up_F = cast(da_TF, state_up, 2, rows=True, cols=True, prologue="gelu_backward",
+                                                       saved=u_TF, bias=b_up_F, colsum=b_up_F is not None)
+            dw_up_FD = _gemm(_Operand(du_cols, du_scale), _Operand(x_cols, x_scale), w_up_dtype)
+            dx_TD = _gemm(_Operand(du_rows, du_scale), _Operand(wu_cols, wu_scale), x_dtype)
+        db_up_F = None if b_up_F is None else db_up_F.to(b_up_F.dtype)
+        return dx_TD, dw_up_FD, db_up_F, dw_down_DF, None, None
+
+
+def gelu_mlp(up: torch.nn.Module, down: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """down(gelu_tanh(up(x))) through HaloGeluMlp, or None where it does not apply (module docstring)."""
+    linears = (up, down)
+    if not all(type(linear) is HaloLinear and linear.level == 0 and linear.quantize and linear.delayed_active
+               and linear.amax_state is not None and linear.weight.requires_grad for linear in linears):
+        return None
+    if not fused_cast_ready(x):
+        return None
+    w_up, w_down = up.weight, down.weight
+    if torch.is_autocast_enabled(x.device.type):  # as HaloLinear.forward: the casts read the autocast dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w_up, w_down = x.to(dtype), w_up.to(dtype), w_down.to(dtype)
+    y_TD = HaloGeluMlp.apply(x.reshape(-1, up.in_features).contiguous(), w_up, up.bias, w_down,
+                             up.amax_state, down.amax_state)
+    y = y_TD.reshape(*x.shape[:-1], down.out_features)
+    return y if down.bias is None else y + down.bias.to(y.dtype)

@@ -1,0 +1,316 @@
+"""quant.fp8_cast: the Triton cast (bf16 -> FP8 in both layouts, amax recorded) against its torch reference.
+
+On the CPU the kernel runs under Triton's interpreter. Its float-to-e4m3 conversion truncates and carries
+no rounding into the exponent, unlike the GPU's round-to-nearest-even; the `interpreted` fixture replaces
+that one conversion with torch's (which rounds as the GPU does), so these tests can want equal bytes.
+On the GPU machine the interpreter tests skip and the `gpu` ones run the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import quant.fp8_cast_kernel  # noqa: E402
+from quant import fp8_cast  # noqa: E402
+from quant.delayed_scaling import FP8_MAX, MARGIN  # noqa: E402
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The kernel under Triton's interpreter (tests/conftest.py chooses it where there is no CUDA), with
+    torch's e4m3 rounding in place of the interpreter's."""
+    from triton.runtime import interpreter
+
+    import triton.language as tl
+
+    if not isinstance(quant.fp8_cast_kernel.cast_kernel, interpreter.InterpretedFunction):
+        pytest.skip("Triton compiles for the GPU here (TRITON_INTERPRET unset); the GPU tests cover the kernel")
+    convert = interpreter._convert_float
+
+    def torch_rounding(values, input_dtype, output_dtype, rounding_mode):
+        if output_dtype == tl.float8e4nv and input_dtype == tl.float32:
+            fp32 = torch.from_numpy(np.ascontiguousarray(values).view(np.float32))
+            return fp32.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return convert(values, input_dtype, output_dtype, rounding_mode)
+
+    monkeypatch.setattr(interpreter, "_convert_float", torch_rounding)
+
+
+def _ordinal(q: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes as integers in value order (+0 and -0 both 0), so adjacent values differ by 1."""
+    code = q.view(torch.uint8).int()
+    return torch.where(code >= 128, -(code - 128), code)
+
+
+def _state(history: int, past: list[float], operand: int = 2) -> torch.Tensor:
+    state = torch.zeros(history + 1, 4)
+    state[: len(past), operand] = torch.tensor(past)
+    return state
+
+
+def _inputs(prologue: str, R: int = 100, C: int = 70, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(R, C, generator=generator) * 3).bfloat16()
+    saved = torch.randn(R, C, generator=generator).bfloat16() if prologue == "gelu_backward" else None
+    bias = torch.randn(C, generator=generator) if prologue != "none" else None
+    return x, saved, bias
+
+
+@pytest.mark.parametrize("prologue", ["none", "gelu", "gelu_backward"])
+def test_cast_matches_reference(interpreted, prologue):
+    x, saved, bias = _inputs(prologue)
+    state, expected_state = _state(4, [1.0, 5.0, 2.0, 0.0]), _state(4, [1.0, 5.0, 2.0, 0.0])
+    rows, cols, scale, colsum = fp8_cast.cast_eager(
+        x, state, 2, rows=True, cols=True, prologue=prologue, bias=bias, saved=saved,
+        colsum=prologue != "gelu", block_r=32, block_c=32, num_warps=4)  # 100 x 70 leaves partial tiles
+    q, expected_scale, v = fp8_cast.reference(x, expected_state, 2, prologue=prologue, bias=bias, saved=saved)
+
+    assert scale.item() == expected_scale.item() == pytest.approx(5.0 * MARGIN / FP8_MAX, rel=1e-7)
+    assert torch.equal(cols, rows.t())  # same bytes, transposed
+    if prologue == "none":
+        assert torch.equal(rows.view(torch.uint8), q.view(torch.uint8))
+        assert state[-1, 2] == expected_state[-1, 2] == x.float().abs().max()
+    else:
+        # The kernel's tanh is 1 - 2 / (e^2z + 1) in numpy fp32, torch.tanh differs in the last bits: a value
+        # on an e4m3 rounding boundary may land one step away, nothing more.
+        differ = rows.view(torch.uint8) != q.view(torch.uint8)
+        assert differ.float().mean() < 0.01
+        assert (_ordinal(rows) - _ordinal(q)).abs().max() <= 1
+        assert state[-1, 2].item() == pytest.approx(expected_state[-1, 2].item(), rel=1e-5)
+    assert (q.float().abs() <= FP8_MAX).all() and (q.float().abs() == FP8_MAX).any()  # 5 · 2 < 12: saturated
+    assert state[-1, 2] > 5.0 * MARGIN  # the exact amax, past the clamp, so the next scale fits it
+    assert torch.equal(state[:-1], expected_state[:-1])  # the history is only read
+    if prologue == "gelu":
+        assert colsum.numel() == 0
+    else:
+        torch.testing.assert_close(colsum, v.sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_one_layout_empty_history_and_pending_max(interpreted):
+    x, _, _ = _inputs("none", R=48, C=96)
+    state = _state(16, [])
+    state[-1, 0] = 1e6  # pending already holds a larger amax from an earlier micro-batch: kept
+    rows, cols, scale, colsum = fp8_cast.cast_eager(x, state, 0, rows=False, cols=True, block_r=16, block_c=64,
+                                                   num_warps=4)
+    assert rows.numel() == 0 and colsum.numel() == 0 and scale.item() == 1.0  # no history: scale 1
+    assert torch.equal(cols.view(torch.uint8), x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).t()
+                       .contiguous().view(torch.uint8))
+    assert state[-1, 0] == 1e6
+    state[-1, 0] = 0.0
+    fp8_cast.cast_eager(x, state, 0, block_r=16, block_c=64, num_warps=4)
+    assert state[-1, 0] == x.float().abs().max()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"prologue": "relu"}, "prologue must be one of"),
+    ({"x": torch.zeros(4, 6).t()}, "contiguous"),
+    ({"state": torch.zeros(5, 4, dtype=torch.float64)}, "fp32"),
+    ({"operand": 4}, "column 4"),
+    ({"prologue": "gelu_backward"}, "saved pre-activation"),
+    ({"saved": torch.zeros(6, 4)}, "saved pre-activation"),
+    ({"prologue": "gelu", "bias": torch.zeros(5)}, "one value per column"),
+    ({"prologue": "gelu", "colsum": True}, "column sums"),
+])
+def test_bad_arguments_are_named(change, message):
+    arguments = {"x": torch.zeros(6, 4), "state": torch.zeros(5, 4), "operand": 0, "prologue": "none",
+                 "bias": None, "saved": None, "colsum": False} | change
+    x, state, operand = arguments.pop("x"), arguments.pop("state"), arguments.pop("operand")
+    with pytest.raises(ValueError, match=message):
+        fp8_cast.cast_eager(x, state, operand, **arguments)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("prologue", ["none", "gelu", "gelu_backward"])
+def test_gpu_op_matches_reference_eager_and_compiled(prologue):
+    x, saved, bias = (t.cuda() if t is not None else None for t in _inputs(prologue, R=1000, C=640))
+    past = [1.0, 5.0, 2.0, 0.0]
+
+    def run(state):
+        rows, cols, scale, colsum = fp8_cast.cast(x, state, 2, rows=True, cols=True, prologue=prologue, bias=bias,
+                                                  saved=saved, colsum=prologue != "gelu")
+        return rows.view(torch.uint8), cols.view(torch.uint8), scale, colsum
+
+    expected_state = _state(4, past).cuda()
+    q, expected_scale, v = fp8_cast.reference(x, expected_state, 2, prologue=prologue, bias=bias, saved=saved)
+    for runner in (run, torch.compile(run, fullgraph=True)):
+        state = _state(4, past).cuda()
+        rows, cols, scale, colsum = runner(state)
+        assert torch.equal(cols, rows.t()) and scale.item() == expected_scale.item()
+        differ = rows != q.view(torch.uint8)
+        if prologue == "none":  # the GPU's cvt.rn.satfinite rounds as torch does
+            assert not differ.any()
+            assert state[-1, 2] == expected_state[-1, 2]
+        else:  # tanh from exp against torch's tanhf
+            assert differ.float().mean() < 1e-3
+            assert (_ordinal(rows.view(torch.float8_e4m3fn)) - _ordinal(q)).abs().max() <= 1
+            assert state[-1, 2].item() == pytest.approx(expected_state[-1, 2].item(), rel=1e-5)
+        if prologue != "gelu":
+            torch.testing.assert_close(colsum, v.sum(0), rtol=1e-4, atol=1e-3)
+
+
+# --- HALO on the fused cast: quant.halo's delayed path and quant.halo_mlp, on the CPU through the interpreter.
+
+@pytest.fixture
+def fused_on_cpu(interpreted, monkeypatch):
+    """quant.halo casts CPU tensors through the (interpreted) kernel, as it does CUDA ones."""
+    import quant.halo
+
+    monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x: True)
+    import quant.halo_mlp
+
+    monkeypatch.setattr(quant.halo_mlp, "fused_cast_ready", lambda x: True)
+
+
+def _delayed_pair(seed: int = 0):
+    """Two HaloLinears (level 0, delayed, past their first step) with the same weights and histories."""
+    from quant.halo import HaloLinear
+
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        layer = HaloLinear(48, 80, level=0, scaling="delayed", amax_history=4)
+        # x of amax ~8 fits 2 · 5, W (|w| < 0.15) fits 2 · 0.2; dY (~0.04) saturates past 2 · 0.01.
+        layer.amax_state[:2] = torch.tensor([[3.0, 0.1, 0.005, 0.0], [5.0, 0.2, 0.01, 0.0]])
+        layer.delayed_active = True
+        layers.append(layer)
+    return layers
+
+
+def test_halo_linear_fused_cast_matches_torch_ops(fused_on_cpu, monkeypatch):
+    import quant.halo
+
+    fused, plain = _delayed_pair()
+    x = torch.randn(64, 48) * 2
+    x_fused, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fused = fused(x_fused)
+    dy = torch.randn_like(y_fused) * 0.01
+    y_fused.backward(dy)
+    monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x: False)
+    y_plain = plain(x_plain)
+    y_plain.backward(dy)
+    # The same scales (the same history) and the same e4m3 rounding: the same FP8 operands, the same GEMMs.
+    assert torch.equal(y_fused, y_plain)
+    assert torch.equal(x_fused.grad, x_plain.grad) and torch.equal(fused.weight.grad, plain.weight.grad)
+    # The kernel records exact amaxes. The torch ops read them back from e4m3 (within one rounding, 2^-4), and
+    # record a saturated dY as MARGIN · 448 · s = 4 · 0.01 instead of its amax.
+    exact = torch.stack([x.abs().max(), fused.weight.abs().max(), dy.abs().max()])
+    assert torch.equal(fused.amax_state[-1, :3], exact) and exact[2] > 0.02
+    torch.testing.assert_close(plain.amax_state[-1, :2], exact[:2], rtol=2 ** -4, atol=0)
+    assert plain.amax_state[-1, 2].item() == pytest.approx(4 * 0.01)
+
+
+def _mlp_pair():
+    """Two equal HALO GPT MLPs after one step of current scaling (their histories are that step's amaxes)."""
+    from fuyou.models.transformer import GeluMlp, TransformerConfig
+    from quant import delayed_scaling
+    from quant.halo import apply_halo
+
+    config = TransformerConfig(family="gpt", vocab_size=64, hidden_size=64, num_layers=1, num_heads=4,
+                               intermediate_size=256, max_seq_len=16)
+    mlps = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        mlp = GeluMlp(config)
+        apply_halo(mlp, level=0, scaling="delayed", amax_history=4)
+        x = torch.randn(2, 24, 64)
+        mlp(x).backward(torch.randn(2, 24, 64) * 1e-3)  # the first step scales currently, unfused
+        delayed_scaling.end_step(mlp)
+        mlp.zero_grad()
+        mlps.append(mlp)
+    return mlps
+
+
+def test_gelu_mlp_fused_matches_unfused(fused_on_cpu, monkeypatch):
+    import quant.halo
+    import quant.halo_mlp
+
+    fused, plain = _mlp_pair()
+    assert torch.equal(fused.up_proj.amax_state, plain.up_proj.amax_state)
+    x = torch.randn(2, 24, 64) * 1.5  # 1.5x the amaxes of the first step: within the 2x headroom
+    calls = []
+    monkeypatch.setattr(quant.halo_mlp.HaloGeluMlp, "apply", lambda *a, apply=quant.halo_mlp.HaloGeluMlp.apply:
+                        calls.append(1) or apply(*a))
+    x_fused, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fused = fused(x_fused)
+    assert calls == [1]  # the MLP took the fused path
+    dy = torch.randn_like(y_fused) * 1e-3
+    y_fused.backward(dy)
+    for module in (quant.halo, quant.halo_mlp):
+        monkeypatch.setattr(module, "fused_cast_ready", lambda x: False)
+    y_plain = plain(x_plain)
+    assert calls == [1]  # and this one did not
+    y_plain.backward(dy)
+    # The GELU runs in fp32 in both, from the same u (bias added in the kernel, or before it): e4m3 codes of A
+    # and du differ by a step only where tanh's last bit decides the rounding.
+    torch.testing.assert_close(y_fused, y_plain, rtol=0.02, atol=2e-3)
+    torch.testing.assert_close(x_fused.grad, x_plain.grad, rtol=0.02, atol=2e-5)
+    for name in ("up_proj", "down_proj"):
+        f, p = getattr(fused, name), getattr(plain, name)
+        torch.testing.assert_close(f.weight.grad, p.weight.grad, rtol=0.02, atol=2e-5)
+        torch.testing.assert_close(f.bias.grad, p.bias.grad, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(f.amax_state[-1], p.amax_state[-1], rtol=2 ** -4, atol=0)
+    # And against float64 math without FP8: four e4m3 operands over two GEMMs, each rounded by up to 2^-4.
+    weights = {n: getattr(fused, n) for n in ("up_proj", "down_proj")}
+    u = x.double() @ weights["up_proj"].weight.double().t() + weights["up_proj"].bias.double()
+    y64 = torch.nn.functional.gelu(u, approximate="tanh") @ weights["down_proj"].weight.double().t() + weights["down_proj"].bias.double()
+    assert ((y_fused.double() - y64).norm() / y64.norm()) < 0.08
+
+
+def test_gelu_mlp_fused_only_where_it_applies(fused_on_cpu):
+    from quant.halo_mlp import gelu_mlp
+
+    fused, _ = _mlp_pair()
+    x = torch.randn(4, 64)
+    assert gelu_mlp(fused.up_proj, fused.down_proj, x) is not None
+    fused.up_proj.delayed_active = False  # first step: current scaling
+    assert gelu_mlp(fused.up_proj, fused.down_proj, x) is None
+    fused.up_proj.delayed_active = True
+    fused.down_proj.level = 1  # rotations between the GELU and the cast
+    assert gelu_mlp(fused.up_proj, fused.down_proj, x) is None
+    fused.down_proj.level = 0
+    fused.up_proj.weight.requires_grad_(False)
+    assert gelu_mlp(fused.up_proj, fused.down_proj, x) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_gelu_mlp_fused_compiled_matches_unfused():
+    """On CUDA, under bf16 autocast and torch.compile: the fused MLP (quant.fp8_cast's kernels inside the
+    compiled graph) against the unfused one casting with torch ops."""
+    import quant.halo
+    from fuyou.models.transformer import GeluMlp, TransformerConfig
+    from quant import delayed_scaling
+    from quant.halo import apply_halo
+
+    config = TransformerConfig(family="gpt", vocab_size=64, hidden_size=256, num_layers=1, num_heads=4,
+                               max_seq_len=128)
+    x0, x = (torch.randn(4, 128, 256, device="cuda") * s for s in (1.0, 1.2))
+    dy0, dy = (torch.randn(4, 128, 256, device="cuda") * 1e-3 for _ in range(2))
+    results = []
+    for fused in (True, False):
+        quant.halo.use_fused_cast(fused)
+        try:
+            torch.manual_seed(0)
+            mlp = GeluMlp(config).cuda()
+            apply_halo(mlp, level=0, scaling="delayed")
+            step = torch.compile(mlp, fullgraph=True)
+            with torch.autocast("cuda", torch.bfloat16):
+                step(x0).backward(dy0)  # current scaling
+            delayed_scaling.end_step(mlp)
+            mlp.zero_grad()
+            x_in = x.clone().requires_grad_()
+            with torch.autocast("cuda", torch.bfloat16):
+                y = step(x_in)
+            y.backward(dy)
+            results.append([y.float(), x_in.grad.float(), mlp.up_proj.weight.grad, mlp.up_proj.bias.grad,
+                            mlp.down_proj.weight.grad])
+        finally:
+            quant.halo.use_fused_cast(True)
+    for fused_value, plain_value in zip(*results):
+        assert ((fused_value - plain_value).norm() / plain_value.norm()).item() < 0.02
