@@ -47,7 +47,7 @@ from quant.delayed_scaling import FP8_MAX, MARGIN
 
 FP8_DTYPE = torch.float8_e4m3fn
 PROLOGUES = {"none": 0, "gelu": 1, "gelu_backward": 2}
-GELU_K0, GELU_K1 = fp8_cast_kernel.GELU_K0, fp8_cast_kernel.GELU_K1
+GELU_K0, GELU_K1 = fp8_cast_kernel.GELU_K0.value, fp8_cast_kernel.GELU_K1.value
 # Tile and warps: chosen by `python -m benchmarks.diag.fp8_cast` on the H100 (benchmarks/RESULTS.md).
 BLOCK_R, BLOCK_C, NUM_WARPS = 64, 128, 8
 

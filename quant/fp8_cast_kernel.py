@@ -4,8 +4,9 @@ load it again under Triton's interpreter (TRITON_INTERPRET=1 is read when `trito
 import triton
 import triton.language as tl
 
-GELU_K0 = 0.7978845608028654  # sqrt(2 / pi)
-GELU_K1 = 0.044715
+# Kernels read only constexpr globals.
+GELU_K0 = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_K1 = tl.constexpr(0.044715)
 
 
 @triton.jit
