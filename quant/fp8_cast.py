@@ -48,8 +48,9 @@ from quant.delayed_scaling import FP8_MAX, MARGIN
 FP8_DTYPE = torch.float8_e4m3fn
 PROLOGUES = {"none": 0, "gelu": 1, "gelu_backward": 2}
 GELU_K0, GELU_K1 = fp8_cast_kernel.GELU_K0.value, fp8_cast_kernel.GELU_K1.value
-# Tile and warps: chosen by `python -m benchmarks.diag.fp8_cast` on the H100 (benchmarks/RESULTS.md).
-BLOCK_R, BLOCK_C, NUM_WARPS = 64, 128, 8
+# (BLOCK_R, BLOCK_C, warps) per prologue: the fastest at [16384, 2048] and [16384, 8192] in two runs of
+# `python -m benchmarks.diag.fp8_cast` on the H100 (benchmarks/RESULTS.md, thirteenth session).
+TILES = {"none": (128, 64, 4), "gelu": (64, 64, 4), "gelu_backward": (64, 128, 4)}
 
 
 def _launch(kernel, x_RC: torch.Tensor, state: torch.Tensor, operand: int, rows: bool, cols: bool,
@@ -92,15 +93,17 @@ def _check(x_RC: torch.Tensor, state: torch.Tensor, operand: int, prologue: str,
 
 def cast_eager(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, rows: bool = True, cols: bool = False,
                prologue: str = "none", bias: torch.Tensor | None = None, saved: torch.Tensor | None = None,
-               colsum: bool = False, block_r: int = BLOCK_R, block_c: int = BLOCK_C, num_warps: int = NUM_WARPS):
+               colsum: bool = False, block_r: int | None = None, block_c: int | None = None,
+               num_warps: int | None = None):
     """The kernel launched directly (no custom op): for tests (interpreter) and the tile benchmark.
 
     Returns (rows [R, C] FP8 or empty, cols [C, R] FP8 or empty, scale: fp32 scalar, colsum [C] fp32 or
     empty). Records max |v| into state[history, operand] (the module docstring's table).
     """
     _check(x_RC, state, operand, prologue, bias, saved, colsum)
+    tile = TILES[prologue]
     return _launch(fp8_cast_kernel.cast_kernel, x_RC, state, operand, rows, cols, prologue, bias, saved, colsum,
-                   block_r, block_c, num_warps)
+                   block_r or tile[0], block_c or tile[1], num_warps or tile[2])
 
 
 @torch.library.triton_op("fuyou::fp8_cast", mutates_args={"state"})
@@ -108,7 +111,7 @@ def _fp8_cast_op(x_RC: torch.Tensor, state: torch.Tensor, operand: int, rows: bo
                  bias: torch.Tensor | None, saved: torch.Tensor | None, colsum: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch(torch.library.wrap_triton(fp8_cast_kernel.cast_kernel), x_RC, state, operand, rows, cols, prologue, bias, saved,
-                   colsum, BLOCK_R, BLOCK_C, NUM_WARPS)
+                   colsum, *TILES[prologue])
 
 
 def cast(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, rows: bool = True, cols: bool = False,

@@ -79,14 +79,24 @@ HADAMARD_BLOCK = 256
 
 # Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
 _compiler = {"enabled": True, "failed": False, "function": None}
-# Whether delayed scaling on CUDA casts through quant.fp8_cast's Triton kernel (see use_fused_cast).
-_fused_cast = {"enabled": True, "failed": False, "loaded": False}
+# Which delayed-scaling casts on CUDA go through quant.fp8_cast's Triton kernel (see use_fused_cast).
+FUSED_CAST_MODES = ("all", "mlp", "off")
+_fused_cast = {"mode": "all", "failed": False, "loaded": False}
 
 
-def use_fused_cast(enabled: bool) -> None:
-    """Delayed scaling on CUDA casts with `quant.fp8_cast`'s one-pass Triton kernel (enabled, the default),
-    or with torch ops that Inductor fuses (the amax then read back from the FP8 values, `_record`)."""
-    _fused_cast["enabled"] = enabled
+def use_fused_cast(mode: str | bool) -> None:
+    """Which delayed-scaling casts on CUDA run `quant.fp8_cast`'s one-pass Triton kernel: "all" (True, the
+    default); "mlp", only the GELU MLP's activation and its gradient (`quant.halo_mlp`), the other operands
+    cast by torch ops that Inductor fuses into their producers; or "off" (False), torch ops only (the amax
+    then read back from the FP8 values, `_record`)."""
+    mode = {True: "all", False: "off"}.get(mode, mode)
+    if mode not in FUSED_CAST_MODES:
+        raise ValueError(f"fused cast mode must be one of {FUSED_CAST_MODES}, got {mode!r}")
+    _fused_cast["mode"] = mode
+
+
+def fused_cast_mode() -> str:
+    return _fused_cast["mode"]
 
 
 def _load_fused_cast() -> bool:
@@ -102,10 +112,11 @@ def _load_fused_cast() -> bool:
     return _fused_cast["loaded"]
 
 
-def fused_cast_ready(x: torch.Tensor) -> bool:
-    """Whether `quant.fp8_cast` casts x: a CUDA tensor, the kernel enabled, and Triton loaded. Under
-    torch.compile nothing is imported (HaloLinear loads it when built for delayed scaling with CUDA present)."""
-    if not (x.is_cuda and _fused_cast["enabled"]):
+def fused_cast_ready(x: torch.Tensor, *, mlp: bool = False) -> bool:
+    """Whether `quant.fp8_cast` casts x (`mlp`: inside quant.halo_mlp): a CUDA tensor, the mode (use_fused_cast),
+    and Triton loaded. Under torch.compile nothing is imported (HaloLinear loads it when built for delayed
+    scaling with CUDA present)."""
+    if not (x.is_cuda and _fused_cast["mode"] in (("all", "mlp") if mlp else ("all",))):
         return False
     return _fused_cast["loaded"] if torch.compiler.is_compiling() else _load_fused_cast()
 

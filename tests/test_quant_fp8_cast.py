@@ -160,10 +160,10 @@ def fused_on_cpu(interpreted, monkeypatch):
     """quant.halo casts CPU tensors through the (interpreted) kernel, as it does CUDA ones."""
     import quant.halo
 
-    monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x: True)
+    monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x, mlp=False: True)
     import quant.halo_mlp
 
-    monkeypatch.setattr(quant.halo_mlp, "fused_cast_ready", lambda x: True)
+    monkeypatch.setattr(quant.halo_mlp, "fused_cast_ready", lambda x, mlp=False: True)
 
 
 def _delayed_pair(seed: int = 0):
@@ -191,7 +191,7 @@ def test_halo_linear_fused_cast_matches_torch_ops(fused_on_cpu, monkeypatch):
     y_fused = fused(x_fused)
     dy = torch.randn_like(y_fused) * 0.01
     y_fused.backward(dy)
-    monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x: False)
+    monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x, mlp=False: False)
     y_plain = plain(x_plain)
     y_plain.backward(dy)
     # The same scales (the same history) and the same e4m3 rounding: the same FP8 operands, the same GEMMs.
@@ -226,9 +226,12 @@ def _mlp_pair():
     return mlps
 
 
-def test_gelu_mlp_fused_matches_unfused(fused_on_cpu, monkeypatch):
+@pytest.mark.parametrize("mode", ["all", "mlp"])
+def test_gelu_mlp_fused_matches_unfused(fused_on_cpu, monkeypatch, mode):
     import quant.halo
     import quant.halo_mlp
+
+    monkeypatch.setattr(quant.halo, "_fused_cast", dict(quant.halo._fused_cast, mode=mode))
 
     fused, plain = _mlp_pair()
     assert torch.equal(fused.up_proj.amax_state, plain.up_proj.amax_state)
@@ -242,7 +245,7 @@ def test_gelu_mlp_fused_matches_unfused(fused_on_cpu, monkeypatch):
     dy = torch.randn_like(y_fused) * 1e-3
     y_fused.backward(dy)
     for module in (quant.halo, quant.halo_mlp):
-        monkeypatch.setattr(module, "fused_cast_ready", lambda x: False)
+        monkeypatch.setattr(module, "fused_cast_ready", lambda x, mlp=False: False)
     y_plain = plain(x_plain)
     assert calls == [1]  # and this one did not
     y_plain.backward(dy)
@@ -280,7 +283,8 @@ def test_gelu_mlp_fused_only_where_it_applies(fused_on_cpu):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_gelu_mlp_fused_compiled_matches_unfused():
+@pytest.mark.parametrize("mode", ["all", "mlp"])
+def test_gpu_gelu_mlp_fused_compiled_matches_unfused(mode):
     """On CUDA, under bf16 autocast and torch.compile: the fused MLP (quant.fp8_cast's kernels inside the
     compiled graph) against the unfused one casting with torch ops."""
     import quant.halo
@@ -293,7 +297,7 @@ def test_gpu_gelu_mlp_fused_compiled_matches_unfused():
     x0, x = (torch.randn(4, 128, 256, device="cuda") * s for s in (1.0, 1.2))
     dy0, dy = (torch.randn(4, 128, 256, device="cuda") * 1e-3 for _ in range(2))
     results = []
-    for fused in (True, False):
+    for fused in (mode, "off"):
         quant.halo.use_fused_cast(fused)
         try:
             torch.manual_seed(0)

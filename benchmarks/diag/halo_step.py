@@ -13,7 +13,8 @@ Kernel time against the median step says how much of the step the GPU computes a
 foreach one, torch's default on CUDA, with the same groups and hyper-parameters: what the optimizer costs
 each mode. A `-delayed` variant (e.g. `halo0-delayed`) sets `quant.halo_scaling=delayed`, which on CUDA casts
 through `quant.fp8_cast`'s kernel (and fuses the MLP's GELU into it at level 0); `-delayed-torchcast` casts
-with torch ops instead, as before that kernel existed. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
+with torch ops instead, as before that kernel existed, and `-delayed-mlpcast` uses the kernel only for the
+MLP's GELU side (quant.halo.use_fused_cast("mlp")). A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
 64th row instead of the whole tensor, clamping what overflows: the quantizer's cast then waits on a reduction
 over 1/64 of the data, about what delayed scaling (last step's amax) would cost. A timing bound only, its
 numerics are not HALO's. `--kernels-json` writes every profiled kernel's total milliseconds per variant. Variants alternate in one process, so compare them within one run only.
@@ -68,11 +69,11 @@ def build(args, variant: str):
         f"train.compile={'true' if args.compile else 'false'}",
     ]
     variant, *flags = variant.split("-")
-    unknown = set(flags) - {"sampled", "delayed", "torchcast"}
+    unknown = set(flags) - {"sampled", "delayed", "torchcast", "mlpcast"}
     if unknown:
-        raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled, -delayed or -torchcast")
+        raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled, -delayed, -torchcast or -mlpcast")
     delayed = "delayed" in flags
-    quant.halo.use_fused_cast("torchcast" not in flags)
+    quant.halo.use_fused_cast("off" if "torchcast" in flags else "mlp" if "mlpcast" in flags else "all")
     quant.halo._quantize_math = _sampled_quantize_math if "sampled" in flags else _QUANTIZE_MATH
     torch._dynamo.reset()  # variants alternate in one process: trace the quantizer each one uses afresh
     if variant.startswith("halo"):
@@ -98,6 +99,23 @@ def profile_step(trainer, top: int) -> dict:
             "top": ranked[:top], "all": ranked}
 
 
+def print_scaled_mm_calls(trainer) -> None:
+    """One more step under torch.profiler with shapes: every aten::_scaled_mm call's operand shapes and dtypes
+    (the output dtype is among its arguments), with how often it ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+        trainer.step()
+    calls: dict[str, int] = {}
+    for event in profiler.events():
+        if event.name.startswith("aten::_scaled_mm"):
+            key = f"{event.name} shapes {event.input_shapes} types {getattr(event, 'input_types', '?')}"
+            key += f" args {[a for a in getattr(event, 'concrete_inputs', []) if a not in (None, [], '')]}"
+            calls[key] = calls.get(key, 0) + 1
+    for key, count in sorted(calls.items(), key=lambda item: -item[1]):
+        print(f"    {count:4d} x {key[:400]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml")
@@ -111,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels-json", default=None)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--scaled-mm-calls", action="store_true", help="also list the _scaled_mm calls' dtypes")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -132,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
               f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
         for name, ms in prof["top"]:
             print(f"    {ms:7.2f} ms  {name[:110]}")
+        if args.scaled_mm_calls and variant.startswith("halo"):
+            print_scaled_mm_calls(trainer)
         rows.append((tag, median_ms, prof))
         del trainer
         torch.cuda.empty_cache()
