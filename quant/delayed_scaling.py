@@ -31,7 +31,9 @@ keeps 3 mantissa bits at every normal magnitude, and only values below about 2^-
 Amax. It is read back from the FP8 values, |q|max · s: one byte an element, instead of a second pass
 over the producer's inputs. It is exact, since every e4m3 value is exact in fp32, unless |q|max = 448,
 where values may have been clamped. That case is recorded as MARGIN · 448 · s, so the next scale grows
-MARGIN×, and again each step until the tensor fits.
+MARGIN×, and again each step until the tensor fits. The GELU MLP's activation and its gradient are cast by
+`quant.fp8_cast`'s kernel instead (`quant.halo_mlp`), which sees the values before the clamp and records
+their exact amax.
 
 First step. There is no history yet. The module quantizes with current scaling and records exact
 amaxes. `end_step` then switches it to delayed scaling: one recompile under `train.compile`, since the

@@ -1,4 +1,5 @@
-"""One pass from bf16 to FP8 e4m3 in both GEMM layouts, with the amax recorded: HALO's delayed-scaling cast.
+"""One pass from bf16 to FP8 e4m3 in both GEMM layouts, with the amax recorded: the delayed-scaling cast
+that `quant.halo_mlp` runs on the GPT MLP's activation ("gelu") and its gradient ("gelu_backward").
 
 Why hand-written. HALO's FP8 GEMMs need each operand in e4m3 twice, row-major [R, C] and transposed [C, R]
 (`quant.halo`, Layouts), and delayed scaling needs every tensor's amax for the next steps' scales

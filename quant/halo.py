@@ -79,24 +79,15 @@ HADAMARD_BLOCK = 256
 
 # Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
 _compiler = {"enabled": True, "failed": False, "function": None}
-# Which delayed-scaling casts on CUDA go through quant.fp8_cast's Triton kernel (see use_fused_cast).
-FUSED_CAST_MODES = ("all", "mlp", "off")
-_fused_cast = {"mode": "all", "failed": False, "loaded": False}
+# Whether the GELU MLP's delayed-scaling casts on CUDA run quant.fp8_cast's kernel (see use_fused_cast).
+_fused_cast = {"enabled": True, "failed": False, "loaded": False}
 
 
-def use_fused_cast(mode: str | bool) -> None:
-    """Which delayed-scaling casts on CUDA run `quant.fp8_cast`'s one-pass Triton kernel: "all" (True, the
-    default); "mlp", only the GELU MLP's activation and its gradient (`quant.halo_mlp`), the other operands
-    cast by torch ops that Inductor fuses into their producers; or "off" (False), torch ops only (the amax
-    then read back from the FP8 values, `_record`)."""
-    mode = {True: "all", False: "off"}.get(mode, mode)
-    if mode not in FUSED_CAST_MODES:
-        raise ValueError(f"fused cast mode must be one of {FUSED_CAST_MODES}, got {mode!r}")
-    _fused_cast["mode"] = mode
-
-
-def fused_cast_mode() -> str:
-    return _fused_cast["mode"]
+def use_fused_cast(enabled: bool) -> None:
+    """Under delayed scaling on CUDA, run the GPT MLP with its GELU and the GELU's derivative inside
+    `quant.fp8_cast`'s Triton casts (`quant.halo_mlp`; enabled, the default), or as two HaloLinears with
+    torch-op casts (disabled)."""
+    _fused_cast["enabled"] = enabled
 
 
 def _load_fused_cast() -> bool:
@@ -112,11 +103,11 @@ def _load_fused_cast() -> bool:
     return _fused_cast["loaded"]
 
 
-def fused_cast_ready(x: torch.Tensor, *, mlp: bool = False) -> bool:
-    """Whether `quant.fp8_cast` casts x (`mlp`: inside quant.halo_mlp): a CUDA tensor, the mode (use_fused_cast),
-    and Triton loaded. Under torch.compile nothing is imported (HaloLinear loads it when built for delayed
-    scaling with CUDA present)."""
-    if not (x.is_cuda and _fused_cast["mode"] in (("all", "mlp") if mlp else ("all",))):
+def fused_cast_ready(x: torch.Tensor) -> bool:
+    """Whether `quant.fp8_cast` can cast x: a CUDA tensor, the kernel enabled (use_fused_cast), and Triton
+    loaded. Under torch.compile nothing is imported (HaloLinear loads it when built for delayed scaling with
+    CUDA present)."""
+    if not (x.is_cuda and _fused_cast["enabled"]):
         return False
     return _fused_cast["loaded"] if torch.compiler.is_compiling() else _load_fused_cast()
 
@@ -223,16 +214,6 @@ def _operands(x_RC: torch.Tensor, quantize: bool, *, rows: bool = True, cols: bo
     return (_Operand(x_rows, scale) if rows else None), (_Operand(x_cols, scale) if cols else None)
 
 
-def _cast_operands(x_RC: torch.Tensor, amax_state: torch.Tensor, operand: int, *, rows: bool = True,
-                   cols: bool = False):
-    """Delayed scaling's (x [R, C], x^T [C, R]) operands from `quant.fp8_cast`'s kernel, which also records
-    the amax in `amax_state`'s column `operand` (so no `_record` after the GEMM)."""
-    from quant import fp8_cast
-
-    rows_RC, cols_CR, scale, _ = fp8_cast.cast(x_RC.contiguous(), amax_state, operand, rows=rows, cols=cols)
-    return (_Operand(rows_RC, scale) if rows else None), (_Operand(cols_CR, scale) if cols else None)
-
-
 def _record(operand: _Operand | None, state_row: torch.Tensor | None, delayed: bool) -> None:
     """Delayed scaling's amax, read back from an FP8 operand. Called after a GEMM consumed the operand: by then
     Inductor has the FP8 tensor in memory and the reduction reads its bytes (1 B an element); called before,
@@ -290,23 +271,17 @@ class HaloMatmul(torch.autograd.Function):
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rotated = level >= 1
         rows = [None] * 4 if amax_state is None else list(amax_state.unbind(1))  # x, w, dy, dy rotated along tokens
-        # Delayed scaling on CUDA: one kernel casts, writes both layouts and records (quant.fp8_cast).
-        fused = quantize and delayed and fused_cast_ready(x_TI)
         with torch.autocast(x_TI.device.type, enabled=False):
             # Q(X H_I), and its transpose for dW = dY^T X; Q(W H_I), and its transpose for dX = dY W.
-            x_in = _rotate(x_TI, -1, block) if rotated else x_TI
-            w_in = _rotate(weight_OI, -1, block) if rotated else weight_OI
-            if fused:
-                x_op, x_t_op = _cast_operands(x_in, amax_state, 0, cols=needs_dw)
-                w_op, w_t_op = _cast_operands(w_in, amax_state, 1, cols=needs_dx)
-            else:
-                x_op, x_t_op = _operands(x_in, quantize, cols=needs_dw, state_row=rows[0], delayed=delayed)
-                w_op, w_t_op = _operands(w_in, quantize, cols=needs_dx, state_row=rows[1], delayed=delayed)
+            x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw,
+                                     state_row=rows[0], delayed=delayed)
+            w_op, w_t_op = _operands(_rotate(weight_OI, -1, block) if rotated else weight_OI, quantize, cols=needs_dx,
+                                     state_row=rows[1], delayed=delayed)
             y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True)  # (X H_I)(W H_I)^T = X W^T
-            _record(x_op, rows[0], delayed and not fused)
-            _record(w_op, rows[1], delayed and not fused)
+            _record(x_op, rows[0], delayed)
+            _record(w_op, rows[1], delayed)
         # The state is mutated in place by backward's recording too, so it rides on ctx, not in saved tensors.
-        ctx.rows, ctx.delayed, ctx.amax_state, ctx.fused = rows, delayed, amax_state, fused
+        ctx.rows, ctx.delayed = rows, delayed
         ctx.level, ctx.quantize, ctx.block = level, quantize, block
         ctx.x_dtype, ctx.weight_dtype = x_TI.dtype, weight_OI.dtype
         ctx.x_scale, ctx.w_scale = x_op.scale, w_op.scale
@@ -322,18 +297,13 @@ class HaloMatmul(torch.autograd.Function):
         dx_TI = dw_OI = None
         with torch.autocast(dy_TO.device.type, enabled=False):
             # One quantization of dY serves both GEMMs (level 2 rotates it along tokens for dX only).
-            rows, delayed, fused = ctx.rows, ctx.delayed, ctx.fused
-            if fused:
-                dy_op, dy_t_op = _cast_operands(dy_TO, ctx.amax_state, 2, rows=needs_dx and level < 2, cols=needs_dw)
-            else:
-                dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
-                                           state_row=rows[2], delayed=delayed)
+            rows, delayed = ctx.rows, ctx.delayed
+            dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
+                                       state_row=rows[2], delayed=delayed)
             plain_dy_op = dy_op if dy_op is not None else dy_t_op  # Q(dY), before level 2 rotates it for dX
             if needs_dx:
-                if level == 2:  # Q(H_T^T dY)
-                    dy_rotated = _rotate(dy_TO, 0, block)
-                    dy_op = (_cast_operands(dy_rotated, ctx.amax_state, 3)[0] if fused else
-                             _operands(dy_rotated, quantize, state_row=rows[3], delayed=delayed)[0])
+                if level == 2:
+                    dy_op, _ = _operands(_rotate(dy_TO, 0, block), quantize, state_row=rows[3], delayed=delayed)  # Q(H_T^T dY)
                 dx_TI = _gemm(dy_op, _Operand(w_t_values, ctx.w_scale), ctx.x_dtype)  # [H_T^T] dY W [H_I]
                 if level == 2:
                     dx_TI = _rotate(dx_TI, 0, block, inverse=True)  # H_T . : dY W H_I
@@ -343,9 +313,9 @@ class HaloMatmul(torch.autograd.Function):
                 dw_OI = _gemm(dy_t_op, _Operand(x_t_values, ctx.x_scale), ctx.weight_dtype)  # dY^T X [H_I]
                 if level >= 1:
                     dw_OI = _rotate(dw_OI, -1, block, inverse=True)  # . H_I^T : dY^T X
-            _record(plain_dy_op, rows[2], delayed and not fused)
+            _record(plain_dy_op, rows[2], delayed)
             if needs_dx and level == 2:
-                _record(dy_op, rows[3], delayed and not fused)
+                _record(dy_op, rows[3], delayed)
         return dx_TI, dw_OI, None, None, None, None, None, None
 
 

@@ -11,12 +11,15 @@ up-projection's GEMM output u (bias not yet added) and do the rest in the pass t
     y = A W_down^T   (+ b_down, outside)              du = dA · gelu'(u + b_up)  -> Q(du), and db_up = Σ_t du
                                                       dW_up = du^T x, dx = du W_up
 
-Every Q is delayed scaling with the amax recorded in the kernel (in mode "mlp", `quant.halo.use_fused_cast`,
-only Q(A) and Q(du) are; the others are torch ops that Inductor fuses into their producers), into the same columns of the two layers'
-`amax_state` that the unfused path uses (x, w, dy of each), so a run can switch between them. Only level 0
-(the rotations of levels 1-2 would sit between the GELU and the cast), delayed scaling past its first step,
-CUDA with Triton, and both linears plain HaloLinears with trainable weights take this path; `gelu_mlp`
-returns None otherwise and the MLP runs unfused.
+Every Q is delayed scaling. Q(A) and Q(du) come from `quant.fp8_cast`'s kernel, which records their amaxes;
+Q(x), Q(dY) and the weights are torch ops that Inductor fuses into the kernels producing them (LayerNorm, the
+residual gradient), recorded from the FP8 values after the GEMM as in `quant.halo`. Casting those with the
+kernel too was measured slower (252.9 against 237.5 ms a step, benchmarks/RESULTS.md, thirteenth session):
+it adds a read and a write of each [T, D] tensor that Inductor's producer had written anyway. The records
+go into the same columns of the two layers' `amax_state` that the unfused path uses (x, w, dy of each), so
+a run can switch between them. Only level 0 (the rotations of levels 1-2 would sit between the GELU and the
+cast), delayed scaling past its first step, CUDA with Triton, and both linears plain HaloLinears with
+trainable weights take this path; `gelu_mlp` returns None otherwise and the MLP runs unfused.
 """
 
 from __future__ import annotations
@@ -24,44 +27,38 @@ from __future__ import annotations
 import torch
 
 from quant import delayed_scaling
-from quant.halo import HaloLinear, _gemm, _Operand, _quantize_math, fused_cast_mode, fused_cast_ready
+from quant.halo import HaloLinear, _gemm, _Operand, _quantize_math, fused_cast_ready
 
 
-def _cast_plain(x_RC: torch.Tensor, state: torch.Tensor, operand: int, kernel: bool):
-    """(rows, cols, scale) of an operand without a prologue: the kernel (which records), or, in mode "mlp", the
-    torch ops that Inductor fuses into the producer (recorded by `_record_plain` after the GEMM)."""
-    if kernel:
-        from quant.fp8_cast import cast
-
-        return cast(x_RC, state, operand, rows=True, cols=True)[:3]
+def _cast_plain(x_RC: torch.Tensor, state: torch.Tensor, operand: int):
+    """(rows, cols, scale) of an operand with no GELU beside it: torch ops, which Inductor fuses into the
+    kernel that produces x (LayerNorm, the residual gradient); recorded by `_record_plain` after the GEMM."""
     return _quantize_math(x_RC, True, True, state[:, operand], delayed=True)
 
 
-def _record_plain(state: torch.Tensor, operand: int, rows_RC: torch.Tensor, scale: torch.Tensor, kernel: bool):
-    if not kernel:
-        delayed_scaling.record_from_fp8(state[:, operand], rows_RC, scale)
+def _record_plain(state: torch.Tensor, operand: int, rows_RC: torch.Tensor, scale: torch.Tensor):
+    delayed_scaling.record_from_fp8(state[:, operand], rows_RC, scale)
 
 
 class HaloGeluMlp(torch.autograd.Function):
     """y_TD = gelu(x_TD W_up^T + b_up) W_down^T (table in the module docstring); b_down is added outside."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_up_FD, b_up_F, w_down_DF, state_up, state_down, kernel_for_all: bool):
+    def forward(ctx, x_TD, w_up_FD, b_up_F, w_down_DF, state_up, state_down):
         from quant.fp8_cast import cast
 
-        k = kernel_for_all
         with torch.autocast(x_TD.device.type, enabled=False):
-            x_rows, x_cols, x_scale = _cast_plain(x_TD, state_up, 0, k)
-            wu_rows, wu_cols, wu_scale = _cast_plain(w_up_FD, state_up, 1, k)
+            x_rows, x_cols, x_scale = _cast_plain(x_TD, state_up, 0)
+            wu_rows, wu_cols, wu_scale = _cast_plain(w_up_FD, state_up, 1)
             u_TF = _gemm(_Operand(x_rows, x_scale), _Operand(wu_rows, wu_scale), x_TD.dtype, fast_accum=True)
-            _record_plain(state_up, 0, x_rows, x_scale, k)
-            _record_plain(state_up, 1, wu_rows, wu_scale, k)
+            _record_plain(state_up, 0, x_rows, x_scale)
+            _record_plain(state_up, 1, wu_rows, wu_scale)
             a_rows, a_cols, a_scale, _ = cast(u_TF, state_down, 0, rows=True, cols=True, prologue="gelu", bias=b_up_F)
-            wd_rows, wd_cols, wd_scale = _cast_plain(w_down_DF, state_down, 1, k)
+            wd_rows, wd_cols, wd_scale = _cast_plain(w_down_DF, state_down, 1)
             y_TD = _gemm(_Operand(a_rows, a_scale), _Operand(wd_rows, wd_scale), x_TD.dtype, fast_accum=True)
-            _record_plain(state_down, 1, wd_rows, wd_scale, k)
+            _record_plain(state_down, 1, wd_rows, wd_scale)
         ctx.save_for_backward(x_cols, wu_cols, u_TF, b_up_F, a_cols, wd_cols, x_scale, wu_scale, a_scale, wd_scale)
-        ctx.states, ctx.kernel_for_all = (state_up, state_down), kernel_for_all
+        ctx.states = (state_up, state_down)
         ctx.dtypes = (x_TD.dtype, w_up_FD.dtype, w_down_DF.dtype)
         return y_TD
 
@@ -73,16 +70,16 @@ class HaloGeluMlp(torch.autograd.Function):
         state_up, state_down = ctx.states
         x_dtype, w_up_dtype, w_down_dtype = ctx.dtypes
         with torch.autocast(dy_TD.device.type, enabled=False):
-            dy_rows, dy_cols, dy_scale = _cast_plain(dy_TD.contiguous(), state_down, 2, ctx.kernel_for_all)
+            dy_rows, dy_cols, dy_scale = _cast_plain(dy_TD.contiguous(), state_down, 2)
             dw_down_DF = _gemm(_Operand(dy_cols, dy_scale), _Operand(a_cols, a_scale), w_down_dtype)
             da_TF = _gemm(_Operand(dy_rows, dy_scale), _Operand(wd_cols, wd_scale), x_dtype)
-            _record_plain(state_down, 2, dy_rows, dy_scale, ctx.kernel_for_all)
+            _record_plain(state_down, 2, dy_rows, dy_scale)
             du_rows, du_cols, du_scale, db_up_F = cast(da_TF, state_up, 2, rows=True, cols=True, prologue="gelu_backward",
                                                        saved=u_TF, bias=b_up_F, colsum=b_up_F is not None)
             dw_up_FD = _gemm(_Operand(du_cols, du_scale), _Operand(x_cols, x_scale), w_up_dtype)
             dx_TD = _gemm(_Operand(du_rows, du_scale), _Operand(wu_cols, wu_scale), x_dtype)
         db_up_F = None if b_up_F is None else db_up_F.to(b_up_F.dtype)
-        return dx_TD, dw_up_FD, db_up_F, dw_down_DF, None, None, None
+        return dx_TD, dw_up_FD, db_up_F, dw_down_DF, None, None
 
 
 def gelu_mlp(up: torch.nn.Module, down: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -91,13 +88,13 @@ def gelu_mlp(up: torch.nn.Module, down: torch.nn.Module, x: torch.Tensor) -> tor
     if not all(type(linear) is HaloLinear and linear.level == 0 and linear.quantize and linear.delayed_active
                and linear.amax_state is not None and linear.weight.requires_grad for linear in linears):
         return None
-    if not fused_cast_ready(x, mlp=True):
+    if not fused_cast_ready(x):
         return None
     w_up, w_down = up.weight, down.weight
     if torch.is_autocast_enabled(x.device.type):  # as HaloLinear.forward: the casts read the autocast dtype
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_up, w_down = x.to(dtype), w_up.to(dtype), w_down.to(dtype)
     y_TD = HaloGeluMlp.apply(x.reshape(-1, up.in_features).contiguous(), w_up, up.bias, w_down,
-                             up.amax_state, down.amax_state, fused_cast_mode() == "all")
+                             up.amax_state, down.amax_state)
     y = y_TD.reshape(*x.shape[:-1], down.out_features)
     return y if down.bias is None else y + down.bias.to(y.dtype)

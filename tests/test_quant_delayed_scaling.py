@@ -212,37 +212,24 @@ def test_the_trainer_ends_each_step_and_the_config_checks_the_options(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused-cast"])
 @pytest.mark.parametrize("level", [0, 2])
-def test_delayed_scaled_mm_matches_the_simulation_on_cuda(level, fused):
-    """The CUDA path (torch._scaled_mm; the compiled torch quantizer, or quant.fp8_cast's kernel, recording into
-    the state) against the CPU simulation, over a current step and a delayed one with x past its headroom."""
+def test_delayed_scaled_mm_matches_the_simulation_on_cuda(level):
+    """The CUDA path (torch._scaled_mm, the compiled quantizer recording into the state) against the CPU
+    simulation, over a current step and a delayed one with a tensor past its headroom."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    import quant.halo
-
     x, w, dy = (t.float() for t in case(5, tokens=100, in_features=28 * 16, out_features=80))
     results = {}
-    quant.halo.use_fused_cast(fused)
-    try:
-        for device in ("cpu", "cuda"):
-            state = new_state(2, device)
-            args = [t.to(device) for t in (x, w, dy)]
-            run(*args, state, delayed=False, level=level)
-            roll(state)
-            outputs = run(3 * args[0], args[1], 0.5 * args[2], state, delayed=True, level=level)
-            results[device] = ([o.cpu() for o in outputs], state.cpu())
-    finally:
-        quant.halo.use_fused_cast(True)
+    for device in ("cpu", "cuda"):
+        state = new_state(2, device)
+        args = [t.to(device) for t in (x, w, dy)]
+        run(*args, state, delayed=False, level=level)
+        roll(state)
+        outputs = run(3 * args[0], args[1], 0.5 * args[2], state, delayed=True, level=level)
+        results[device] = ([o.cpu() for o in outputs], state.cpu())
     for actual, expected in zip(results["cuda"][0], results["cpu"][0]):
         assert relative_error_of(actual, expected) < 1e-2
-    cuda_state, cpu_state = results["cuda"][1], results["cpu"][1]
-    if fused:
-        # x saturated: the kernel records its exact amax (the rotated one at level 2), the torch ops 2 · 448 · s.
-        x_in = quant.halo._rotate(3 * x, -1, quant.halo.HADAMARD_BLOCK) if level else 3 * x
-        assert cuda_state[PENDING, 0].item() == pytest.approx(x_in.abs().max().item(), rel=1e-6)
-        cuda_state, cpu_state = cuda_state[:, 1:], cpu_state[:, 1:]
-    torch.testing.assert_close(cuda_state, cpu_state, rtol=1e-2, atol=0)
+    torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-2, atol=0)
 
 
 def relative_error_of(actual, expected):
