@@ -97,8 +97,9 @@ def _load_fused_cast() -> bool:
             import quant.fp8_cast  # noqa: F401
             import quant.halo_mlp  # noqa: F401 - imports quant.halo: load it here, not while tracing
             _fused_cast["loaded"] = True
-        except ImportError as error:
-            warnings.warn(f"quant.fp8_cast needs Triton ({error}); delayed scaling casts with torch ops", stacklevel=2)
+        except (ImportError, AttributeError) as error:  # no Triton, or a torch before torch.library.triton_op (2.6)
+            warnings.warn(f"quant.fp8_cast needs Triton and torch >= 2.6 ({error}); the GELU MLP casts with torch ops",
+                          stacklevel=2)
             _fused_cast["failed"] = True
     return _fused_cast["loaded"]
 
