@@ -6,10 +6,11 @@ copies from the producer's kernel the way it writes bf16: `benchmarks.diag.fp8_l
 backward on [16384, 8192] (H100) at 0.276 ms writing bf16, 0.675 ms with current scaling (amax, then
 both FP8 layouts), and 0.321 ms writing both layouts with the scale given. A known scale makes the
 quantizer a store in the producer's kernel. Transformer Engine's default recipe is delayed scaling for
-the same reason. Measured end to end (GPT-3 1.3B shape, batch 8 x 2048, train.compile, H100): 6-8 ms
-less kernel time a step than current scaling, but the same step time (253.6 against 254.6 ms) and loss:
-the extra small kernels leave the GPU idle longer (benchmarks/RESULTS.md, twelfth session). Hence an
-option, not the default.
+the same reason. Measured end to end (GPT-3 1.3B shape, batch 8 x 2048, train.compile, H100): with torch-op
+casts, 6-8 ms less kernel time a step than current scaling but the same step time (253.6 against 254.6 ms),
+since the extra small kernels leave the GPU idle longer; with the GPT MLP's casts in `quant.fp8_cast`'s kernel
+(`quant.halo_mlp`, which needs a known scale), 245.3 against 260.9 ms, 1.24x the bf16 step, the loss equal
+(benchmarks/RESULTS.md, twelfth and thirteenth sessions).
 
 State. Each HaloLinear holds one fp32 tensor `amax_state` [H + 1, 4]; its columns are the operands
 x, w, dy, and dy rotated along tokens (level 2's input gradient) (OPERANDS).

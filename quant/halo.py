@@ -55,7 +55,9 @@ layouts its GEMMs need, in the same pass that scales it: the forward keeps Q(X H
 backward (the same bytes as keeping the row-major copies). On CUDA the quantizer (amax, scale, cast, both
 layouts) runs through torch.compile with static shapes, two fused kernels, unless `use_compiled_quantizer(False)`; if the
 compiler fails it warns once and falls back to eager torch ops. Inside a block compiled whole (`train.compile`,
-fuyou.block_compile) the quantizer is traced into the block's graph instead.
+fuyou.block_compile) the quantizer is traced into the block's graph instead. With delayed scaling at level 0
+on CUDA, a GPT MLP's two HaloLinears run together (`quant.halo_mlp`): the GELU and its derivative are
+computed inside `quant.fp8_cast`'s Triton casts.
 """
 
 from __future__ import annotations

@@ -13,27 +13,13 @@ Times are CUDA-event medians of `--samples` samples of `--repeat` back-to-back c
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
+from benchmarks.diag.fp8_layouts import time_ms
+
 CONFIGS = [(64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 4), (128, 128, 8), (32, 256, 8)]
-
-
-def time_ms(fn, samples: int, repeat: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(samples):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / repeat)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         for prologue, baseline, bytes_per in (("none", lambda: x.clone(), 4),
                                               ("gelu", lambda: gelu(x), 4),
                                               ("gelu_backward", lambda: gelu_backward(x, saved), 6)):
-            bf16_ms = time_ms(baseline, args.samples, args.repeat)
+            bf16_ms = time_ms(baseline, (), args.repeat, args.samples)
             extra = {"none": {}, "gelu": {"bias": bias},
                      "gelu_backward": {"bias": bias, "saved": saved, "colsum": True}}[prologue]
             tiles = {}
@@ -70,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 tiles[(block_r, block_c, warps)] = time_ms(
                     lambda: fp8_cast.cast_eager(x, state, 0, rows=True, cols=True, prologue=prologue, block_r=block_r,
                                                 block_c=block_c, num_warps=warps, **extra),
-                    args.samples, args.repeat)
+                    (), args.repeat, args.samples)
             best = min(tiles, key=tiles.get)
             gb = bytes_per * x.numel() / 1e9
             print(f"{str(shape):>13} | {prologue:>13} | {bf16_ms:12.3f} | {str(best):>23} | {tiles[best]:9.3f} | "
