@@ -11,11 +11,15 @@ from typing import Callable
 Groups = list[tuple[str, tuple[str, ...]]]
 
 
-def profile_kernels(run: Callable[[], object]) -> tuple[dict[str, float], float, int]:
+def profile_kernels(run: Callable[[], object], detail: dict | None = None) -> tuple[dict[str, float], float, int]:
     """Calls `run()` once under torch.profiler: (seconds per kernel name, seconds of copies and memsets,
     number of kernels). Copies and memsets are not kernels here; nor are the ranges the profiler annotates
     on the GPU timeline ("Optimizer.step#PagedAdamW.step" and the like: kernel names hold '#' too, in
-    lambdas, "...::{lambda()#1}...", but always with parentheses)."""
+    lambdas, "...::{lambda()#1}...", but always with parentheses).
+
+    `detail`, when given, receives "calls" (launches per kernel name) and "gaps": the GPU's idle intervals
+    between consecutive kernels and copies, as (microseconds idle, kernel before, kernel after), longest
+    first, so that a step's idle time can be traced to what the host was doing."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -27,6 +31,18 @@ def profile_kernels(run: Callable[[], object]) -> tuple[dict[str, float], float,
     by_name: dict[str, float] = {}
     for event in kernels:
         by_name[event.name] = by_name.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e6
+    if detail is not None:
+        calls: dict[str, int] = {}
+        for event in kernels:
+            calls[event.name] = calls.get(event.name, 0) + 1
+        timeline = sorted(kernels + copies, key=lambda e: e.time_range.start)
+        gaps, end_us = [], None
+        for before, after in zip(timeline, timeline[1:]):
+            end_us = before.time_range.end if end_us is None else max(end_us, before.time_range.end)
+            if after.time_range.start > end_us:
+                gaps.append((after.time_range.start - end_us, before.name, after.name))
+        detail["calls"] = calls
+        detail["gaps"] = sorted(gaps, key=lambda gap: -gap[0])
     return by_name, sum(e.time_range.elapsed_us() for e in copies) / 1e6, len(kernels)
 
 

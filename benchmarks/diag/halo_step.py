@@ -16,7 +16,9 @@ CUDA runs the MLP with its GELU inside `quant.fp8_cast`'s casts (`quant.halo_mlp
 runs it as two HaloLinears casting with torch ops instead, as before that kernel existed. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
 64th row instead of the whole tensor, clamping what overflows: the quantizer's cast then waits on a reduction
 over 1/64 of the data, about what delayed scaling (last step's amax) would cost. A timing bound only, its
-numerics are not HALO's. `--kernels-json` writes every profiled kernel's total milliseconds per variant. Variants alternate in one process, so compare them within one run only.
+numerics are not HALO's. `--kernels-json` writes every profiled kernel's total milliseconds and launches per
+variant, and the step's longest GPU idle gaps with the kernels around them. Variants alternate in one process,
+so compare them within one run only.
 """
 
 from __future__ import annotations
@@ -91,11 +93,14 @@ def build(args, variant: str):
 
 
 def profile_step(trainer, top: int) -> dict:
-    by_name_s, _, num_kernels = profile_kernels(trainer.step)
+    detail: dict = {}
+    by_name_s, _, num_kernels = profile_kernels(trainer.step, detail)
     by_name = {name: seconds * 1e3 for name, seconds in by_name_s.items()}
     ranked = sorted(by_name.items(), key=lambda item: -item[1])
+    gaps_ms = [(us / 1e3, before, after) for us, before, after in detail["gaps"]]
     return {"kernel_ms": sum(by_name.values()), "kernels": num_kernels, "groups_ms": group_times(by_name, KERNEL_GROUPS),
-            "top": ranked[:top], "all": ranked}
+            "top": ranked[:top], "all": [(name, ms, detail["calls"][name]) for name, ms in ranked],
+            "idle_ms": sum(gap[0] for gap in gaps_ms), "gaps": gaps_ms}
 
 
 def print_scaled_mm_calls(trainer) -> None:
@@ -150,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
               f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
         for name, ms in prof["top"]:
             print(f"    {ms:7.2f} ms  {name[:110]}")
+        print(f"    GPU idle between kernels: {prof['idle_ms']:.1f} ms in {len(prof['gaps'])} gaps; longest:")
+        for ms, before, after in prof["gaps"][:6]:
+            print(f"    {ms:7.2f} ms  after {before[:60]}  before {after[:60]}")
         if args.scaled_mm_calls and variant.startswith("halo"):
             print_scaled_mm_calls(trainer)
         rows.append((tag, median_ms, prof))
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats()
     if args.kernels_json:
         with open(args.kernels_json, "w") as file:
-            json.dump({tag: {"median_step_ms": median_ms, "kernels_ms": prof["all"]} for tag, median_ms, prof in rows}, file, indent=1)
+            json.dump({tag: {"median_step_ms": median_ms, "kernels_ms": prof["all"], "gaps_ms": prof["gaps"][:200]} for tag, median_ms, prof in rows}, file, indent=1)
     groups = sorted({g for _, _, p in rows for g in p["groups_ms"]})
     print("\nvariant | median step ms | kernel ms | " + " | ".join(groups))
     for tag, median_ms, prof in rows:
