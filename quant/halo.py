@@ -234,9 +234,11 @@ def _pad_to(x_RC: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return padded.view(x_RC.dtype)
 
 
-def _scaled_mm(a_MK: _Operand, b_NK: _Operand, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
-    """a_MK @ b_NK^T on FP8 tensor cores. Both operands come row-major with K contiguous (the quantizer wrote
-    them so); `.contiguous()` below is then free, and only a padded (unaligned) operand is copied."""
+def _scaled_mm(a_MK: _Operand, b_NK: _Operand, out_dtype: torch.dtype, fast_accum: bool,
+               bias_N: torch.Tensor | None = None) -> torch.Tensor:
+    """a_MK @ b_NK^T (+ bias_N, in the GEMM's epilogue) on FP8 tensor cores. Both operands come row-major with
+    K contiguous (the quantizer wrote them so); `.contiguous()` below is then free, and only a padded
+    (unaligned) operand is copied."""
     (m, k), n = a_MK.values.shape, b_NK.values.shape[0]
 
     def align(size: int) -> int:
@@ -244,18 +246,31 @@ def _scaled_mm(a_MK: _Operand, b_NK: _Operand, out_dtype: torch.dtype, fast_accu
 
     a_values = _pad_to(a_MK.values, align(m), align(k)).contiguous()
     b_values = _pad_to(b_NK.values, align(n), align(k)).contiguous()
+    if bias_N is not None and align(n) != n:
+        bias_N = torch.cat([bias_N, bias_N.new_zeros(align(n) - n)])
     # _scaled_mm takes A row-major [M, K] and B column-major [K, N]: a contiguous [N, K] seen transposed.
-    out_MN = torch._scaled_mm(a_values, b_values.t(), a_MK.scale, b_NK.scale, out_dtype=out_dtype,
+    out_MN = torch._scaled_mm(a_values, b_values.t(), a_MK.scale, b_NK.scale, bias=bias_N, out_dtype=out_dtype,
                               use_fast_accum=fast_accum)
     return out_MN[:m, :n]
 
 
-def _gemm(a_MK: _Operand, b_NK: _Operand, out_dtype: torch.dtype, *, fast_accum: bool = False) -> torch.Tensor:
-    """a_MK @ b_NK^T, on FP8 tensor cores when quantized on CUDA, else simulated at high precision."""
+def _gemm(a_MK: _Operand, b_NK: _Operand, out_dtype: torch.dtype, *, fast_accum: bool = False,
+          bias_N: torch.Tensor | None = None) -> torch.Tensor:
+    """a_MK @ b_NK^T (+ bias_N), on FP8 tensor cores when quantized on CUDA, else simulated at high precision.
+
+    The bias is added to the fp32 accumulator before the one rounding to out_dtype: in `_scaled_mm`'s
+    epilogue on CUDA (which takes a bf16 bias, and only for a bf16 output), else in the simulation's
+    precision. Written as `y + b` after the GEMM, it was a kernel of its own wherever no later op took it in
+    (the attention's QKV projection: 3.1 ms a step at batch 8, 1.3B shape; benchmarks/RESULTS.md, fourteenth
+    session)."""
     if a_MK.scale is not None and a_MK.values.is_cuda:
-        return _scaled_mm(a_MK, b_NK, out_dtype, fast_accum)
+        if bias_N is None or out_dtype == torch.bfloat16:
+            return _scaled_mm(a_MK, b_NK, out_dtype, fast_accum,
+                              None if bias_N is None else bias_N.to(torch.bfloat16))
+        return (_scaled_mm(a_MK, b_NK, torch.float32, fast_accum) + bias_N.float()).to(out_dtype)
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
-    return (a_MK.dequantized(compute) @ b_NK.dequantized(compute).t()).to(out_dtype)
+    out_MN = a_MK.dequantized(compute) @ b_NK.dequantized(compute).t()
+    return (out_MN if bias_N is None else out_MN + bias_N.to(compute)).to(out_dtype)
 
 
 def _rotate(x: torch.Tensor, dim: int, block: int | None, *, inverse: bool = False) -> torch.Tensor:
@@ -270,7 +285,7 @@ class HaloMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TI, weight_OI, level: int, quantize: bool, out_dtype: torch.dtype, block: int | None,
-                amax_state: torch.Tensor | None, delayed: bool):
+                amax_state: torch.Tensor | None, delayed: bool, bias_O: torch.Tensor | None):
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rotated = level >= 1
         rows = [None] * 4 if amax_state is None else list(amax_state.unbind(1))  # x, w, dy, dy rotated along tokens
@@ -280,11 +295,12 @@ class HaloMatmul(torch.autograd.Function):
                                      state_row=rows[0], delayed=delayed)
             w_op, w_t_op = _operands(_rotate(weight_OI, -1, block) if rotated else weight_OI, quantize, cols=needs_dx,
                                      state_row=rows[1], delayed=delayed)
-            y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True)  # (X H_I)(W H_I)^T = X W^T
+            y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True, bias_N=bias_O)  # (X H_I)(W H_I)^T = X W^T
             _record(x_op, rows[0], delayed)
             _record(w_op, rows[1], delayed)
         # The state is mutated in place by backward's recording too, so it rides on ctx, not in saved tensors.
-        ctx.rows, ctx.delayed = rows, delayed
+        ctx.rows, ctx.delayed, ctx.amax_state = rows, delayed, amax_state
+        ctx.bias_dtype = None if bias_O is None else bias_O.dtype
         ctx.level, ctx.quantize, ctx.block = level, quantize, block
         ctx.x_dtype, ctx.weight_dtype = x_TI.dtype, weight_OI.dtype
         ctx.x_scale, ctx.w_scale = x_op.scale, w_op.scale
@@ -294,16 +310,24 @@ class HaloMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_TO):
         x_t_values, w_t_values = ctx.saved_tensors
-        needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[8]
         level, quantize, block = ctx.level, ctx.quantize, ctx.block
         dy_TO = dy_TO.contiguous()
-        dx_TI = dw_OI = None
+        dx_TI = dw_OI = db_O = None
         with torch.autocast(dy_TO.device.type, enabled=False):
             # One quantization of dY serves both GEMMs (level 2 rotates it along tokens for dX only).
             rows, delayed = ctx.rows, ctx.delayed
-            dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
-                                       state_row=rows[2], delayed=delayed)
-            plain_dy_op = dy_op if dy_op is not None else dy_t_op  # Q(dY), before level 2 rotates it for dX
+            if delayed and quantize and level < 2 and fused_cast_ready(dy_TO):
+                # quant.fp8_cast: both layouts in one pass, the bias gradient and the exact amax on the way.
+                dy_op, dy_t_op, db_O = _kernel_operands(dy_TO, ctx.amax_state, 2, rows=needs_dx, cols=needs_dw,
+                                                        colsum=needs_db)
+                plain_dy_op = None  # recorded by the kernel
+            else:
+                dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
+                                           state_row=rows[2], delayed=delayed)
+                plain_dy_op = dy_op if dy_op is not None else dy_t_op  # Q(dY), before level 2 rotates it for dX
+                if needs_db:
+                    db_O = dy_TO.sum(0, dtype=torch.promote_types(dy_TO.dtype, torch.float32))
             if needs_dx:
                 if level == 2:
                     dy_op, _ = _operands(_rotate(dy_TO, 0, block), quantize, state_row=rows[3], delayed=delayed)  # Q(H_T^T dY)
@@ -319,13 +343,30 @@ class HaloMatmul(torch.autograd.Function):
             _record(plain_dy_op, rows[2], delayed)
             if needs_dx and level == 2:
                 _record(dy_op, rows[3], delayed)
-        return dx_TI, dw_OI, None, None, None, None, None, None
+        db_O = None if db_O is None else db_O.to(ctx.bias_dtype)
+        return dx_TI, dw_OI, None, None, None, None, None, None, db_O
+
+
+def _kernel_operands(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, rows: bool, cols: bool, colsum: bool):
+    """(x, x^T, Σ_r x [C] fp32 or None) from `quant.fp8_cast`'s kernel under delayed scaling: one read of x for
+    both FP8 layouts and the column sums, the exact amax recorded into `state`'s column `operand`.
+
+    Used for dY, the gradient a layer receives: no kernel of the backward graph produces it (it is the graph's
+    input, or the sum of a LayerNorm's backward and the residual), so there is no producer for Inductor to
+    fuse torch-op casts into, and those ran as two passes over it (one per layout, 126 µs together on
+    [16384, 2048] bf16, H100) plus the amax read back from the FP8 bytes (fourteenth session)."""
+    from quant.fp8_cast import cast
+
+    x_rows, x_cols, scale, colsum_C = cast(x_RC, state, operand, rows=rows, cols=cols, colsum=colsum)
+    return ((_Operand(x_rows, scale) if rows else None), (_Operand(x_cols, scale) if cols else None),
+            (colsum_C if colsum else None))
 
 
 def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quantize: bool = True,
                 out_dtype: torch.dtype | None = None, hadamard_block: int | None = HADAMARD_BLOCK,
-                amax_state: torch.Tensor | None = None, delayed: bool = False) -> torch.Tensor:
-    """x_TI @ weight_OI^T through HALO; differentiable in both arguments.
+                amax_state: torch.Tensor | None = None, delayed: bool = False,
+                bias_O: torch.Tensor | None = None) -> torch.Tensor:
+    """x_TI @ weight_OI^T (+ bias_O) through HALO; differentiable in all three.
 
     Args:
         x_TI: [T, I] activations.
@@ -338,6 +379,7 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
         amax_state: a `quant.delayed_scaling.new_state` tensor, one column per operand (x, w, dy, dy rotated
             along tokens); every quantization records its amax in its column. None records nothing.
         delayed: scale by the state's history (delayed scaling) instead of each tensor's own amax.
+        bias_O: [O], added before y is rounded to `out_dtype` (`_gemm`); its gradient comes back in its dtype.
 
     Returns:
         y_TO in `out_dtype`.
@@ -350,7 +392,7 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
     if delayed and amax_state is None:
         raise ValueError("delayed scaling takes its scales from an amax_state; pass one")
     return HaloMatmul.apply(x_TI, weight_OI, level, quantize, out_dtype or x_TI.dtype, hadamard_block,
-                            amax_state, delayed)
+                            amax_state, delayed, bias_O)
 
 
 class HaloLinear(nn.Linear):
@@ -407,7 +449,8 @@ class HaloLinear(nn.Linear):
 
         Under autocast x and W are cast to the autocast dtype first (bf16 on the GPU) and y comes out in
         it, as with nn.Linear: the rotations and the quantizer then read bf16, and the casts' backward
-        returns fp32 gradients to fp32 master weights.
+        returns fp32 gradients to fp32 master weights. The bias joins the GEMM (`_gemm`) and its gradient
+        is summed in fp32.
         """
         weight = self.weight
         if torch.is_autocast_enabled(x.device.type):
@@ -415,9 +458,8 @@ class HaloLinear(nn.Linear):
             x, weight = x.to(dtype), weight.to(dtype)
         y_TO = halo_matmul(x.reshape(-1, self.in_features), weight, level=self.level, quantize=self.quantize,
                            out_dtype=x.dtype, hadamard_block=self.hadamard_block, amax_state=self.amax_state,
-                           delayed=self.amax_state is not None and self.delayed_active)
-        y = y_TO.reshape(*x.shape[:-1], self.out_features)  # reshape: a padded _scaled_mm result is a slice
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+                           delayed=self.amax_state is not None and self.delayed_active, bias_O=self.bias)
+        return y_TO.reshape(*x.shape[:-1], self.out_features)  # reshape: a padded _scaled_mm result is a slice
 
     def forward_gelu_mlp(self, up_proj: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """self(gelu_tanh(up_proj(x))) with the GELU computed inside the FP8 casts (`quant.halo_mlp`), for a

@@ -6,16 +6,17 @@ for GELU's backward, on the block's largest activations. Inside one autograd fun
 up-projection's GEMM output u (bias not yet added) and do the rest in the pass that writes the FP8 copies:
 
     forward                                           backward (dY [T, D] in)
-    Q(x), Q(W_up)             -> u = x W_up^T         Q(dY)                      -> dW_down = dY^T A
+    Q(x), Q(W_up)             -> u = x W_up^T         Q(dY), db_down = Σ_t dY    -> dW_down = dY^T A
     A = gelu(u + b_up) -> Q(A), Q(W_down)              dA = dY W_down            (bf16 [T, F])
-    y = A W_down^T   (+ b_down, outside)              du = dA · gelu'(u + b_up)  -> Q(du), and db_up = Σ_t du
+    y = A W_down^T + b_down  (bias in the epilogue)   du = dA · gelu'(u + b_up)  -> Q(du), and db_up = Σ_t du
                                                       dW_up = du^T x, dx = du W_up
 
-Every Q is delayed scaling. Q(A) and Q(du) come from `quant.fp8_cast`'s kernel, which records their amaxes;
-Q(x), Q(dY) and the weights are torch ops that Inductor fuses into the kernels producing them (LayerNorm, the
-residual gradient), recorded from the FP8 values after the GEMM as in `quant.halo`. Casting those with the
-kernel too was measured slower (252.9 against 237.5 ms a step, benchmarks/RESULTS.md, thirteenth session):
-it adds a read and a write of each [T, D] tensor that Inductor's producer had written anyway. The records
+Every Q is delayed scaling. Q(A), Q(du) and Q(dY) come from `quant.fp8_cast`'s kernel, which records their
+amaxes; dY is the backward graph's input, with no producer to fuse a cast into (as in `quant.halo`'s
+backward). Q(x) and the weights are torch ops that Inductor fuses into the kernels producing them (LayerNorm,
+the weight's cast), recorded from the FP8 values after the GEMM as in `quant.halo`. Casting x with the kernel
+too was measured slower (benchmarks/RESULTS.md, thirteenth session: every operand through the kernel, 252.9
+against 237.5 ms a step): it adds a read and a write of a [T, D] tensor that LayerNorm writes anyway. The records
 go into the same columns of the two layers' `amax_state` that the unfused path uses (x, w, dy of each), so
 a run can switch between them. Only level 0 (the rotations of levels 1-2 would sit between the GELU and the
 cast), delayed scaling past its first step, CUDA with Triton, and both linears plain HaloLinears with
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from quant import delayed_scaling
-from quant.halo import HaloLinear, _gemm, _Operand, _quantize_math, fused_cast_ready
+from quant.halo import HaloLinear, _gemm, _kernel_operands, _Operand, _quantize_math, fused_cast_ready
 
 
 def _cast_plain(x_RC: torch.Tensor, state: torch.Tensor, operand: int):
@@ -41,10 +42,10 @@ def _record_plain(state: torch.Tensor, operand: int, rows_RC: torch.Tensor, scal
 
 
 class HaloGeluMlp(torch.autograd.Function):
-    """y_TD = gelu(x_TD W_up^T + b_up) W_down^T (table in the module docstring); b_down is added outside."""
+    """y_TD = gelu(x_TD W_up^T + b_up) W_down^T + b_down (table in the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_up_FD, b_up_F, w_down_DF, state_up, state_down):
+    def forward(ctx, x_TD, w_up_FD, b_up_F, w_down_DF, b_down_D, state_up, state_down):
         from quant.fp8_cast import cast
 
         with torch.autocast(x_TD.device.type, enabled=False):
@@ -55,11 +56,12 @@ class HaloGeluMlp(torch.autograd.Function):
             _record_plain(state_up, 1, wu_rows, wu_scale)
             a_rows, a_cols, a_scale, _ = cast(u_TF, state_down, 0, rows=True, cols=True, prologue="gelu", bias=b_up_F)
             wd_rows, wd_cols, wd_scale = _cast_plain(w_down_DF, state_down, 1)
-            y_TD = _gemm(_Operand(a_rows, a_scale), _Operand(wd_rows, wd_scale), x_TD.dtype, fast_accum=True)
+            y_TD = _gemm(_Operand(a_rows, a_scale), _Operand(wd_rows, wd_scale), x_TD.dtype, fast_accum=True,
+                         bias_N=b_down_D)
             _record_plain(state_down, 1, wd_rows, wd_scale)
         ctx.save_for_backward(x_cols, wu_cols, u_TF, b_up_F, a_cols, wd_cols, x_scale, wu_scale, a_scale, wd_scale)
         ctx.states = (state_up, state_down)
-        ctx.dtypes = (x_TD.dtype, w_up_FD.dtype, w_down_DF.dtype)
+        ctx.dtypes = (x_TD.dtype, w_up_FD.dtype, w_down_DF.dtype, None if b_down_D is None else b_down_D.dtype)
         return y_TD
 
     @staticmethod
@@ -68,18 +70,19 @@ class HaloGeluMlp(torch.autograd.Function):
 
         x_cols, wu_cols, u_TF, b_up_F, a_cols, wd_cols, x_scale, wu_scale, a_scale, wd_scale = ctx.saved_tensors
         state_up, state_down = ctx.states
-        x_dtype, w_up_dtype, w_down_dtype = ctx.dtypes
+        x_dtype, w_up_dtype, w_down_dtype, b_down_dtype = ctx.dtypes
         with torch.autocast(dy_TD.device.type, enabled=False):
-            dy_rows, dy_cols, dy_scale = _cast_plain(dy_TD.contiguous(), state_down, 2)
-            dw_down_DF = _gemm(_Operand(dy_cols, dy_scale), _Operand(a_cols, a_scale), w_down_dtype)
-            da_TF = _gemm(_Operand(dy_rows, dy_scale), _Operand(wd_cols, wd_scale), x_dtype)
-            _record_plain(state_down, 2, dy_rows, dy_scale)
+            dy_op, dy_t_op, db_down_D = _kernel_operands(dy_TD.contiguous(), state_down, 2, rows=True, cols=True,
+                                                         colsum=b_down_dtype is not None)
+            dw_down_DF = _gemm(dy_t_op, _Operand(a_cols, a_scale), w_down_dtype)
+            da_TF = _gemm(dy_op, _Operand(wd_cols, wd_scale), x_dtype)
             du_rows, du_cols, du_scale, db_up_F = cast(da_TF, state_up, 2, rows=True, cols=True, prologue="gelu_backward",
                                                        saved=u_TF, bias=b_up_F, colsum=b_up_F is not None)
             dw_up_FD = _gemm(_Operand(du_cols, du_scale), _Operand(x_cols, x_scale), w_up_dtype)
             dx_TD = _gemm(_Operand(du_rows, du_scale), _Operand(wu_cols, wu_scale), x_dtype)
         db_up_F = None if b_up_F is None else db_up_F.to(b_up_F.dtype)
-        return dx_TD, dw_up_FD, db_up_F, dw_down_DF, None, None
+        db_down_D = None if db_down_D is None else db_down_D.to(b_down_dtype)
+        return dx_TD, dw_up_FD, db_up_F, dw_down_DF, db_down_D, None, None
 
 
 def gelu_mlp(up: torch.nn.Module, down: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -94,7 +97,6 @@ def gelu_mlp(up: torch.nn.Module, down: torch.nn.Module, x: torch.Tensor) -> tor
     if torch.is_autocast_enabled(x.device.type):  # as HaloLinear.forward: the casts read the autocast dtype
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_up, w_down = x.to(dtype), w_up.to(dtype), w_down.to(dtype)
-    y_TD = HaloGeluMlp.apply(x.reshape(-1, up.in_features).contiguous(), w_up, up.bias, w_down,
+    y_TD = HaloGeluMlp.apply(x.reshape(-1, up.in_features).contiguous(), w_up, up.bias, w_down, down.bias,
                              up.amax_state, down.amax_state)
-    y = y_TD.reshape(*x.shape[:-1], down.out_features)
-    return y if down.bias is None else y + down.bias.to(y.dtype)
+    return y_TD.reshape(*x.shape[:-1], down.out_features)

@@ -223,6 +223,36 @@ def test_gelu_mlp_fused_matches_unfused(fused_on_cpu, monkeypatch):
     assert ((y_fused.double() - y64).norm() / y64.norm()) < 0.08
 
 
+@pytest.mark.parametrize("level", [0, 1])
+def test_halo_linear_dy_through_the_kernel_matches_torch_ops(fused_on_cpu, monkeypatch, level):
+    """quant.halo's backward casts dY with the kernel under delayed scaling (levels 0-1): both layouts, the
+    bias gradient as the kernel's column sums, the exact amax; against the torch-op casts of the same dY."""
+    import quant.halo
+    from quant import delayed_scaling
+    from quant.halo import HaloLinear
+
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x, fused=fused: fused)
+        torch.manual_seed(0)
+        layer = HaloLinear(64, 48, level=level, scaling="delayed", amax_history=4)
+        x0, dy0 = torch.randn(40, 64), torch.randn(40, 48) * 1e-3
+        layer(x0).backward(dy0)  # the first step scales currently
+        delayed_scaling.end_step(layer)
+        layer.zero_grad()
+        x = (x0 * 1.3).requires_grad_()
+        layer(x).backward(dy0 * 1.5)  # within the 2x headroom: nothing saturates
+        results.append((x.grad, layer.weight.grad, layer.bias.grad, layer.amax_state[-1].clone()))
+    (dx_k, dw_k, db_k, pending_k), (dx_t, dw_t, db_t, pending_t) = results
+    # Same scale, same e4m3 rounding of dY: the GEMMs agree to their fp32 sums' order.
+    torch.testing.assert_close(dx_k, dx_t, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(dw_k, dw_t, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(db_k, db_t, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(db_k, (dy0 * 1.5).sum(0), rtol=1e-5, atol=1e-9)
+    assert pending_k[2] == (dy0 * 1.5).abs().max()  # the kernel's amax is exact; the read-back one is rounded
+    torch.testing.assert_close(pending_k[2], pending_t[2], rtol=2 ** -4, atol=0)
+
+
 def test_gelu_mlp_fused_only_where_it_applies(fused_on_cpu):
     from quant.halo_mlp import gelu_mlp
 

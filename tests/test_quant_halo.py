@@ -302,11 +302,11 @@ def test_scaled_mm_layouts_on_the_cpu(monkeypatch, level, tokens):
     equal the simulated ones to the bf16 output rounding. 100 tokens checks padding to multiples of 16."""
     seen = []
 
-    def scaled_mm_gemm(a_MK, b_NK, out_dtype, *, fast_accum=False):
+    def scaled_mm_gemm(a_MK, b_NK, out_dtype, *, fast_accum=False, bias_N=None):
         if a_MK.scale is None:
-            return simulated(a_MK, b_NK, out_dtype)
+            return simulated(a_MK, b_NK, out_dtype, bias_N=bias_N)
         seen.append((a_MK.values.is_contiguous(), b_NK.values.is_contiguous()))
-        return halo_module._scaled_mm(a_MK, b_NK, out_dtype, fast_accum)
+        return halo_module._scaled_mm(a_MK, b_NK, out_dtype, fast_accum, bias_N)
 
     x, w, dy = gemm_case(6, tokens=tokens, in_features=256, out_features=96, dtype=torch.bfloat16)
     expected = halo_gemms(x, w, dy, level=level)
