@@ -7,7 +7,10 @@ It shares the model and the data code with the Fuyou runtime and nothing else (b
   divided by the number of those tokens. Each micro-batch back-propagates its own sum divided by
   the step's total, so gradient accumulation gives exactly the gradient of one large batch even
   when micro-batches hold different numbers of target tokens.
-- gradient clipping by the global L2 norm over all parameters (torch's clip_grad_norm_).
+- gradient clipping by the global L2 norm over all parameters (torch's clip_grad_norm_). With a fused torch
+  AdamW (CUDA) the clip factor goes to the optimizer kernel as its `grad_scale` (the hook GradScaler uses to
+  unscale), which divides each gradient as it reads it: the same update, without clip_grad_norm_'s separate
+  pass that multiplies every gradient in place (3.9 ms of a 1.3B step, `benchmarks.diag.halo_step`).
 - torch.optim.AdamW, decoupled weight decay on matrices (2-D and up) only; biases, norms and
   nothing else are exempt. Learning rate from `fuyou.lr_schedule` at every step. On CUDA its fused
   kernel (`fused=True`, the same update in one pass over each tensor chunk): torch's default there,
@@ -17,7 +20,10 @@ It shares the model and the data code with the Fuyou runtime and nothing else (b
 - bf16: autocast around forward and loss; master weights, gradients and Adam state stay fp32.
 - activation checkpointing: each block is recomputed in backward (torch.utils.checkpoint).
 - compile (opt-in): every block through one torch.compile'd function (fuyou.block_compile), the
-  checkpointing inside it; the model code is the same, only its kernels are fused.
+  checkpointing inside it, and the head with the loss through a second one, where Inductor fuses the fp32
+  upcast, log-softmax and their backward into passes over the bf16 logits (eager, the fp32 copy of the
+  [B, S, V] logits, its softmax and gradient cost 13 ms of a 1.3B step at batch 8, `benchmarks.diag.halo_step`).
+  The model code is the same, only its kernels are fused.
 
 Shapes: B batch, S sequence, V vocabulary, D hidden.
 """
@@ -31,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fuyou.block_compile import module_block_function
+from fuyou.block_compile import CompiledBlock, module_block_function
 from fuyou.data import IGNORE_INDEX, Batch
 from fuyou.lr_schedule import lr_at_step
 
@@ -72,16 +78,42 @@ def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
 
+def head_loss_sum(model: torch.nn.Module, x_BSD: torch.Tensor, labels_BS: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """causal_lm_loss_sum of the model's head on the last block's output, the head under bf16 autocast if
+    `bf16` (as `ReferenceTrainer.forward` runs it); the function `train.compile` compiles."""
+    with torch.autocast(x_BSD.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits_BSV = model.head(x_BSD)
+    return causal_lm_loss_sum(logits_BSV, labels_BS)
+
+
+def _folds_clip(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` takes a `grad_scale` to divide gradients by: torch's fused Adam and AdamW
+    (`_step_supports_amp_scaling`), and no GradScaler using that hook already."""
+    return (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
+            and getattr(optimizer, "_step_supports_amp_scaling", False) and getattr(optimizer, "grad_scale", None) is None)
+
+
 def optimizer_step(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None,
                    lr: float, loss_sum: torch.Tensor, micro_batches: Sequence[Batch]) -> StepResult:
     """The end of a step whose gradients are accumulated in `.grad`: clip by global norm (none when
     `max_grad_norm` is None), set `lr`, step, clear the gradients; the step's `StepResult` (loss per
     target token from `loss_sum`, the unclipped norm). Shared by every trainer that keeps `.grad`."""
-    clip_to = max_grad_norm if max_grad_norm is not None else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_to)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
+    if _folds_clip(optimizer):
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        if max_grad_norm is not None:
+            # clip_grad_norm_'s factor min(1, max / (norm + 1e-6)), as its reciprocal: the kernel divides by it.
+            clip = torch.clamp(max_grad_norm / (grad_norm + 1e-6), max=1.0)
+            optimizer.grad_scale = clip.reciprocal()
+        try:
+            optimizer.step()
+        finally:
+            optimizer.grad_scale = None
+    else:
+        clip_to = max_grad_norm if max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_to)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     num_target_tokens = sum(batch.num_target_tokens for batch in micro_batches)
     return StepResult(
@@ -137,9 +169,16 @@ class ReferenceTrainer:
                                                         fused=self.device.type == "cuda" or None)
         self.step_index = 0
         self.compiled_block = module_block_function() if compile_blocks else None
+        self.compiled_head_loss = CompiledBlock(head_loss_sum) if compile_blocks else None
 
     def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] under this trainer's precision and checkpointing settings."""
+        x_BSD = self.hidden(input_ids_BS)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model.head(x_BSD)
+
+    def hidden(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        """The last block's output [B, S, D] (the head's input), under the same settings as `forward`."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             x_BSD = self.model.embed(input_ids_BS)
             for block in self.model.blocks:
@@ -150,7 +189,7 @@ class ReferenceTrainer:
                     x_BSD = checkpoint(block, x_BSD, use_reentrant=False)
                 else:
                     x_BSD = block(x_BSD)
-            return self.model.head(x_BSD)
+            return x_BSD
 
     def step(self, micro_batches: Sequence[Batch]) -> StepResult:
         """One optimizer step over `micro_batches` (gradient accumulation = len(micro_batches))."""
@@ -163,7 +202,10 @@ class ReferenceTrainer:
         for batch in micro_batches:
             input_ids = batch.input_ids.to(self.device, non_blocking=True)
             labels = batch.labels.to(self.device, non_blocking=True)
-            micro_loss_sum = causal_lm_loss_sum(self.forward(input_ids), labels)
+            if self.compiled_head_loss is not None:
+                micro_loss_sum = self.compiled_head_loss(self.model, self.hidden(input_ids), labels, self.precision == "bf16")
+            else:
+                micro_loss_sum = causal_lm_loss_sum(self.forward(input_ids), labels)
             (micro_loss_sum / denominator).backward()
             loss_sum += micro_loss_sum.detach()
 

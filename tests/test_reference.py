@@ -69,6 +69,32 @@ def test_clipping_uses_the_global_norm_and_scales_the_update():
     assert result.loss == pytest.approx(loss.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 100.0, None], ids=["clipped", "unclipped", "no-clip"])
+def test_fused_adamw_takes_the_clip_as_its_grad_scale(max_grad_norm):
+    """A fused torch AdamW (the reference's on CUDA; torch has it on the CPU too) gets the clip factor as the
+    `grad_scale` its kernel divides gradients by, instead of clip_grad_norm_'s pass: the same steps as the
+    for-each AdamW after clip_grad_norm_, to the rounding of a division against a multiplication."""
+    from fuyou.reference import adamw_param_groups
+
+    generator = torch.Generator().manual_seed(3)
+    batches = [random_batch(generator, 2, 16, 512) for _ in range(3)]
+    model = tiny_model()
+    results, params = [], []
+    for fused in (True, False):
+        copy_ = copy.deepcopy(model)
+        adamw = torch.optim.AdamW(adamw_param_groups(copy_, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=fused, foreach=None if fused else True)
+        trainer = ReferenceTrainer(copy_, max_grad_norm=max_grad_norm, optimizer=adamw, **SCHEDULE)
+        results.append([trainer.step([batch]) for batch in batches])
+        params.append(flat_params(copy_))
+        assert getattr(adamw, "grad_scale", None) is None  # nothing left behind for the next step
+    for fused_result, plain_result in zip(*results):
+        assert fused_result.grad_norm == pytest.approx(plain_result.grad_norm, rel=1e-5)
+        assert fused_result.loss == pytest.approx(plain_result.loss, rel=1e-5)
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(params[0], flat_params(model))
+
+
 def test_activation_checkpointing_changes_nothing_numerically():
     generator = torch.Generator().manual_seed(3)
     batches = [random_batch(generator, 2, 16, 512) for _ in range(3)]
