@@ -82,7 +82,7 @@ HADAMARD_BLOCK = 256
 # Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
 _compiler = {"enabled": True, "failed": False, "function": None}
 # Whether the GELU MLP's delayed-scaling casts on CUDA run quant.fp8_cast's kernel (see use_fused_cast).
-_fused_cast = {"enabled": True, "failed": False, "loaded": False}
+_fused_cast = {"enabled": True, "failed": False, "loaded": False, "cast": None}
 
 
 def use_fused_cast(enabled: bool) -> None:
@@ -96,8 +96,9 @@ def _load_fused_cast() -> bool:
     """Imports quant.fp8_cast (and Triton) once; False, with one warning, where Triton is missing."""
     if not (_fused_cast["loaded"] or _fused_cast["failed"]):
         try:
-            import quant.fp8_cast  # noqa: F401
+            import quant.fp8_cast
             import quant.halo_mlp  # noqa: F401 - imports quant.halo: load it here, not while tracing
+            _fused_cast["cast"] = quant.fp8_cast.cast
             _fused_cast["loaded"] = True
         except (ImportError, AttributeError) as error:  # no Triton, or a torch before torch.library.triton_op (2.6)
             warnings.warn(f"quant.fp8_cast needs Triton and torch >= 2.6 ({error}); the GELU MLP casts with torch ops",
@@ -113,6 +114,19 @@ def fused_cast_ready(x: torch.Tensor) -> bool:
     if not (x.is_cuda and _fused_cast["enabled"]):
         return False
     return _fused_cast["loaded"] if torch.compiler.is_compiling() else _load_fused_cast()
+
+
+def kernel_cast():
+    """`quant.fp8_cast.cast`, imported when the layer was built. No import statement may run while dynamo
+    traces a backward inside `torch.autocast(enabled=False)`: one there (in `_kernel_operands`) left the
+    rest of the block's forward traced with autocast off, so the MLP and the out-projection's weight gradient
+    ran in fp32 (`_scaled_mm` out_dtype float32 in `benchmarks.diag.halo_step --scaled-mm-calls`, H100,
+    torch 2.11). Tests that run the kernel on the CPU load it here, outside any trace."""
+    if _fused_cast["cast"] is None:
+        from quant.fp8_cast import cast
+
+        _fused_cast["cast"] = cast
+    return _fused_cast["cast"]
 
 
 def use_compiled_quantizer(enabled: bool) -> None:
@@ -355,9 +369,7 @@ def _kernel_operands(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, r
     input, or the sum of a LayerNorm's backward and the residual), so there is no producer for Inductor to
     fuse torch-op casts into, and those ran as two passes over it (one per layout, 126 µs together on
     [16384, 2048] bf16, H100) plus the amax read back from the FP8 bytes (fourteenth session)."""
-    from quant.fp8_cast import cast
-
-    x_rows, x_cols, scale, colsum_C = cast(x_RC, state, operand, rows=rows, cols=cols, colsum=colsum)
+    x_rows, x_cols, scale, colsum_C = kernel_cast()(x_RC, state, operand, rows=rows, cols=cols, colsum=colsum)
     return ((_Operand(x_rows, scale) if rows else None), (_Operand(x_cols, scale) if cols else None),
             (colsum_C if colsum else None))
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from quant import delayed_scaling
-from quant.halo import HaloLinear, _gemm, _kernel_operands, _Operand, _quantize_math, fused_cast_ready
+from quant.halo import HaloLinear, _gemm, _kernel_operands, _Operand, _quantize_math, fused_cast_ready, kernel_cast
 
 
 def _cast_plain(x_RC: torch.Tensor, state: torch.Tensor, operand: int):
@@ -46,7 +46,7 @@ class HaloGeluMlp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, w_up_FD, b_up_F, w_down_DF, b_down_D, state_up, state_down):
-        from quant.fp8_cast import cast
+        cast = kernel_cast()  # before the autocast block below (quant.halo.kernel_cast)
 
         with torch.autocast(x_TD.device.type, enabled=False):
             x_rows, x_cols, x_scale = _cast_plain(x_TD, state_up, 0)
@@ -66,7 +66,7 @@ class HaloGeluMlp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_TD):
-        from quant.fp8_cast import cast
+        cast = kernel_cast()  # before the autocast block below (quant.halo.kernel_cast)
 
         x_cols, wu_cols, u_TF, b_up_F, a_cols, wd_cols, x_scale, wu_scale, a_scale, wd_scale = ctx.saved_tensors
         state_up, state_down = ctx.states

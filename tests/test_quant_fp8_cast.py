@@ -305,3 +305,37 @@ def test_gpu_gelu_mlp_fused_compiled_matches_unfused():
             quant.halo.use_fused_cast(True)
     for fused_value, plain_value in zip(*results):
         assert ((fused_value - plain_value).norm() / plain_value.norm()).item() < 0.02
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_compiled_halo_block_gemms_write_bf16():
+    """A compiled HALO GPT block under bf16 autocast, delayed scaling with the kernel in forward and backward:
+    every `_scaled_mm` writes bf16. Guards against the trace losing autocast (quant.halo.kernel_cast), which
+    showed only as fp32 GEMM outputs and a slower step, not as a numerical difference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fuyou.models import build_model
+    from fuyou.models.transformer import TransformerConfig
+    from quant import delayed_scaling
+    from quant.halo import apply_halo
+
+    config = TransformerConfig(family="gpt", vocab_size=64, hidden_size=256, num_layers=1, num_heads=4, max_seq_len=128)
+    block = build_model(config, seed=0).blocks[0].cuda()
+    apply_halo(block, level=0, scaling="delayed")
+    step = torch.compile(block, fullgraph=True)
+
+    def run():
+        x = torch.randn(2, 128, 256, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            y = step(x)
+        y.float().square().mean().backward()
+        delayed_scaling.end_step(block)
+
+    run()  # current scaling
+    run()  # delayed: the kernel casts A, du and every dY
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+        run()
+    out_dtypes = [event.concrete_inputs[6] for event in profiler.events() if event.name == "aten::_scaled_mm"]
+    assert len(out_dtypes) == 12, out_dtypes  # 4 linears x 3 GEMMs
+    assert set(out_dtypes) == {15}, out_dtypes  # c10::ScalarType::BFloat16
