@@ -117,11 +117,13 @@ def fused_cast_ready(x: torch.Tensor) -> bool:
 
 
 def kernel_cast():
-    """`quant.fp8_cast.cast`, imported when the layer was built. No import statement may run while dynamo
-    traces a backward inside `torch.autocast(enabled=False)`: one there (in `_kernel_operands`) left the
-    rest of the block's forward traced with autocast off, so the MLP and the out-projection's weight gradient
-    ran in fp32 (`_scaled_mm` out_dtype float32 in `benchmarks.diag.halo_step --scaled-mm-calls`, H100,
-    torch 2.11). Tests that run the kernel on the CPU load it here, outside any trace."""
+    """`quant.fp8_cast.cast`, imported once (when the layer was built, on CUDA), not while dynamo traces.
+
+    Callers run it outside any `torch.autocast(enabled=False)` block of a backward: called inside one, in
+    a backward that dynamo traces while tracing the forward, it left the rest of the block's forward traced
+    with autocast off, so the MLP and the out-projection's weight gradient ran in fp32 (`_scaled_mm` out_dtype
+    float32, H100, torch 2.11; `tests/test_quant_fp8_cast.py::test_gpu_compiled_halo_block_gemms_write_bf16`
+    checks it). Tests that run the kernel on the CPU load it here, outside any trace."""
     if _fused_cast["cast"] is None:
         from quant.fp8_cast import cast
 
@@ -328,15 +330,17 @@ class HaloMatmul(torch.autograd.Function):
         level, quantize, block = ctx.level, ctx.quantize, ctx.block
         dy_TO = dy_TO.contiguous()
         dx_TI = dw_OI = db_O = None
+        rows, delayed = ctx.rows, ctx.delayed
+        fused = delayed and quantize and level < 2 and fused_cast_ready(dy_TO)
+        if fused:
+            # quant.fp8_cast: both layouts in one pass, the bias gradient and the exact amax on the way; outside
+            # the autocast block below (kernel_cast says why).
+            dy_op, dy_t_op, db_O = _kernel_operands(dy_TO, ctx.amax_state, 2, rows=needs_dx, cols=needs_dw,
+                                                    colsum=needs_db)
+            plain_dy_op = None  # recorded by the kernel
         with torch.autocast(dy_TO.device.type, enabled=False):
             # One quantization of dY serves both GEMMs (level 2 rotates it along tokens for dX only).
-            rows, delayed = ctx.rows, ctx.delayed
-            if delayed and quantize and level < 2 and fused_cast_ready(dy_TO):
-                # quant.fp8_cast: both layouts in one pass, the bias gradient and the exact amax on the way.
-                dy_op, dy_t_op, db_O = _kernel_operands(dy_TO, ctx.amax_state, 2, rows=needs_dx, cols=needs_dw,
-                                                        colsum=needs_db)
-                plain_dy_op = None  # recorded by the kernel
-            else:
+            if not fused:
                 dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
                                            state_row=rows[2], delayed=delayed)
                 plain_dy_op = dy_op if dy_op is not None else dy_t_op  # Q(dY), before level 2 rotates it for dX

@@ -46,7 +46,7 @@ class HaloGeluMlp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, w_up_FD, b_up_F, w_down_DF, b_down_D, state_up, state_down):
-        cast = kernel_cast()  # before the autocast block below (quant.halo.kernel_cast)
+        cast = kernel_cast()
 
         with torch.autocast(x_TD.device.type, enabled=False):
             x_rows, x_cols, x_scale = _cast_plain(x_TD, state_up, 0)
@@ -66,18 +66,20 @@ class HaloGeluMlp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_TD):
-        cast = kernel_cast()  # before the autocast block below (quant.halo.kernel_cast)
+        cast = kernel_cast()
 
         x_cols, wu_cols, u_TF, b_up_F, a_cols, wd_cols, x_scale, wu_scale, a_scale, wd_scale = ctx.saved_tensors
         state_up, state_down = ctx.states
         x_dtype, w_up_dtype, w_down_dtype, b_down_dtype = ctx.dtypes
+        # The kernel casts run outside the autocast blocks (quant.halo.kernel_cast says why).
+        dy_op, dy_t_op, db_down_D = _kernel_operands(dy_TD.contiguous(), state_down, 2, rows=True, cols=True,
+                                                     colsum=b_down_dtype is not None)
         with torch.autocast(dy_TD.device.type, enabled=False):
-            dy_op, dy_t_op, db_down_D = _kernel_operands(dy_TD.contiguous(), state_down, 2, rows=True, cols=True,
-                                                         colsum=b_down_dtype is not None)
             dw_down_DF = _gemm(dy_t_op, _Operand(a_cols, a_scale), w_down_dtype)
             da_TF = _gemm(dy_op, _Operand(wd_cols, wd_scale), x_dtype)
-            du_rows, du_cols, du_scale, db_up_F = cast(da_TF, state_up, 2, rows=True, cols=True, prologue="gelu_backward",
-                                                       saved=u_TF, bias=b_up_F, colsum=b_up_F is not None)
+        du_rows, du_cols, du_scale, db_up_F = cast(da_TF, state_up, 2, rows=True, cols=True, prologue="gelu_backward",
+                                                   saved=u_TF, bias=b_up_F, colsum=b_up_F is not None)
+        with torch.autocast(dy_TD.device.type, enabled=False):
             dw_up_FD = _gemm(_Operand(du_cols, du_scale), _Operand(x_cols, x_scale), w_up_dtype)
             dx_TD = _gemm(_Operand(du_rows, du_scale), _Operand(wu_cols, wu_scale), x_dtype)
         db_up_F = None if b_up_F is None else db_up_F.to(b_up_F.dtype)
