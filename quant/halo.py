@@ -82,7 +82,7 @@ HADAMARD_BLOCK = 256
 # Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
 _compiler = {"enabled": True, "failed": False, "function": None}
 # Whether the GELU MLP's delayed-scaling casts on CUDA run quant.fp8_cast's kernel (see use_fused_cast).
-_fused_cast = {"enabled": True, "failed": False, "loaded": False, "cast": None}
+_fused_cast = {"enabled": True, "failed": False, "loaded": False, "cast": None, "linear_dy": True}
 
 
 def use_fused_cast(enabled: bool) -> None:
@@ -90,6 +90,13 @@ def use_fused_cast(enabled: bool) -> None:
     `quant.fp8_cast`'s Triton casts (`quant.halo_mlp`; enabled, the default), or as two HaloLinears with
     torch-op casts (disabled)."""
     _fused_cast["enabled"] = enabled
+
+
+def use_kernel_for_linear_dy(enabled: bool) -> None:
+    """Whether HaloMatmul's backward (the attention's linears) casts dY with `quant.fp8_cast`'s kernel under
+    delayed scaling (enabled) or with torch ops that Inductor fuses (disabled); the GELU MLP always uses it.
+    For `benchmarks.diag.halo_step`'s `-mlpdy` variant."""
+    _fused_cast["linear_dy"] = enabled
 
 
 def _load_fused_cast() -> bool:
@@ -331,7 +338,7 @@ class HaloMatmul(torch.autograd.Function):
         dy_TO = dy_TO.contiguous()
         dx_TI = dw_OI = db_O = None
         rows, delayed = ctx.rows, ctx.delayed
-        fused = delayed and quantize and level < 2 and fused_cast_ready(dy_TO)
+        fused = delayed and quantize and level < 2 and _fused_cast["linear_dy"] and fused_cast_ready(dy_TO)
         if fused:
             # quant.fp8_cast: both layouts in one pass, the bias gradient and the exact amax on the way; outside
             # the autocast block below (kernel_cast says why).

@@ -13,7 +13,8 @@ Kernel time against the median step says how much of the step the GPU computes a
 foreach one, torch's default on CUDA, with the same groups and hyper-parameters: what the optimizer costs
 each mode. A `-delayed` variant (e.g. `halo0-delayed`) sets `quant.halo_scaling=delayed`, which at level 0 on
 CUDA runs the MLP with its GELU inside `quant.fp8_cast`'s casts (`quant.halo_mlp`); `-delayed-torchcast`
-runs it as two HaloLinears casting with torch ops instead, as before that kernel existed. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
+runs it as two HaloLinears casting with torch ops instead, as before that kernel existed; `-mlpdy` keeps the
+kernel for the MLP but casts the attention linears' dY with torch ops (`quant.halo.use_kernel_for_linear_dy`). A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
 64th row instead of the whole tensor, clamping what overflows: the quantizer's cast then waits on a reduction
 over 1/64 of the data, about what delayed scaling (last step's amax) would cost. A timing bound only, its
 numerics are not HALO's. `--kernels-json` writes every profiled kernel's total milliseconds and launches per
@@ -70,11 +71,12 @@ def build(args, variant: str):
         f"train.compile={'true' if args.compile else 'false'}",
     ]
     variant, *flags = variant.split("-")
-    unknown = set(flags) - {"sampled", "delayed", "torchcast"}
+    unknown = set(flags) - {"sampled", "delayed", "torchcast", "mlpdy"}
     if unknown:
         raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled, -delayed or -torchcast")
     delayed = "delayed" in flags
     quant.halo.use_fused_cast("torchcast" not in flags)
+    quant.halo.use_kernel_for_linear_dy("mlpdy" not in flags)
     quant.halo._quantize_math = _sampled_quantize_math if "sampled" in flags else _QUANTIZE_MATH
     torch._dynamo.reset()  # variants alternate in one process: trace the quantizer each one uses afresh
     if variant.startswith("halo"):
