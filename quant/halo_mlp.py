@@ -12,8 +12,8 @@ up-projection's GEMM output u (bias not yet added) and do the rest in the pass t
                                                       dW_up = du^T x, dx = du W_up
 
 Every Q is delayed scaling. Q(A), Q(du) and Q(dY) come from `quant.fp8_cast`'s kernel, which records their
-amaxes; dY is the backward graph's input, with no producer to fuse a cast into (as in `quant.halo`'s
-backward). Q(x) and the weights are torch ops that Inductor fuses into the kernels producing them (LayerNorm,
+amaxes; dY is the backward graph's input, with no producer to fuse a cast into, where Inductor had cast it
+in two passes (one per layout) and read the amax back (`quant.halo._kernel_operands`). Q(x) and the weights are torch ops that Inductor fuses into the kernels producing them (LayerNorm,
 the weight's cast), recorded from the FP8 values after the GEMM as in `quant.halo`. Casting x with the kernel
 too was measured slower (benchmarks/RESULTS.md, thirteenth session: every operand through the kernel, 252.9
 against 237.5 ms a step): it adds a read and a write of a [T, D] tensor that LayerNorm writes anyway. The records

@@ -231,6 +231,7 @@ def test_halo_linear_dy_through_the_kernel_matches_torch_ops(fused_on_cpu, monke
     from quant import delayed_scaling
     from quant.halo import HaloLinear
 
+    monkeypatch.setitem(quant.halo._fused_cast, "linear_dy", True)  # off by default (use_kernel_for_linear_dy)
     results = []
     for fused in (True, False):
         monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x, fused=fused: fused)
@@ -332,10 +333,16 @@ def test_gpu_compiled_halo_block_gemms_write_bf16():
         y.float().square().mean().backward()
         delayed_scaling.end_step(block)
 
-    run()  # current scaling
-    run()  # delayed: the kernel casts A, du and every dY
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
-        run()
+    import quant.halo
+
+    quant.halo.use_kernel_for_linear_dy(True)  # the kernel in every backward: where the trace lost autocast
+    try:
+        run()  # current scaling
+        run()  # delayed: the kernel casts A, du and every dY
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+            run()
+    finally:
+        quant.halo.use_kernel_for_linear_dy(False)
     out_dtypes = [event.concrete_inputs[6] for event in profiler.events() if event.name == "aten::_scaled_mm"]
     assert len(out_dtypes) == 12, out_dtypes  # 4 linears x 3 GEMMs
     assert set(out_dtypes) == {15}, out_dtypes  # c10::ScalarType::BFloat16
