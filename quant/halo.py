@@ -317,10 +317,13 @@ class HaloMatmul(torch.autograd.Function):
         rotated = level >= 1
         rows = [None] * 4 if amax_state is None else list(amax_state.unbind(1))  # x, w, dy, dy rotated along tokens
         with torch.autocast(x_TI.device.type, enabled=False):
+            # The weight in x's dtype (autocast's), cast here rather than by the caller: no autograd cast node,
+            # so dW comes back in the master weight's dtype straight from the GEMM (backward).
+            w_OI = weight_OI.to(x_TI.dtype)
             # Q(X H_I), and its transpose for dW = dY^T X; Q(W H_I), and its transpose for dX = dY W.
             x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw,
                                      state_row=rows[0], delayed=delayed)
-            w_op, w_t_op = _operands(_rotate(weight_OI, -1, block) if rotated else weight_OI, quantize, cols=needs_dx,
+            w_op, w_t_op = _operands(_rotate(w_OI, -1, block) if rotated else w_OI, quantize, cols=needs_dx,
                                      state_row=rows[1], delayed=delayed)
             y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True, bias_N=bias_O)  # (X H_I)(W H_I)^T = X W^T
             _record(x_op, rows[0], delayed)
@@ -366,9 +369,11 @@ class HaloMatmul(torch.autograd.Function):
                 if level >= 1:
                     dx_TI = _rotate(dx_TI, -1, block, inverse=True)  # . H_I^T : dY W
             if needs_dw:
-                dw_OI = _gemm(dy_t_op, _Operand(x_t_values, ctx.x_scale), ctx.weight_dtype)  # dY^T X [H_I]
+                # At level 0 the GEMM writes the master weight's dtype (fp32 under autocast) itself, where a bf16
+                # result would take one more pass to become the fp32 gradient; a rotated one is undone in x's dtype.
+                dw_OI = _gemm(dy_t_op, _Operand(x_t_values, ctx.x_scale), ctx.x_dtype if level >= 1 else ctx.weight_dtype)
                 if level >= 1:
-                    dw_OI = _rotate(dw_OI, -1, block, inverse=True)  # . H_I^T : dY^T X
+                    dw_OI = _rotate(dw_OI, -1, block, inverse=True).to(ctx.weight_dtype)  # . H_I^T : dY^T X
             _record(plain_dy_op, rows[2], delayed)
             if needs_dx and level == 2:
                 _record(dy_op, rows[3], delayed)
@@ -397,7 +402,8 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
 
     Args:
         x_TI: [T, I] activations.
-        weight_OI: [O, I] weight, on x's device.
+        weight_OI: [O, I] weight, on x's device; cast to x's dtype for the GEMMs (fp32 master weights under
+            autocast), its gradient returned in its own dtype.
         level: 0, 1 or 2 (see the module docstring).
         quantize: False skips FP8 (rotations stay), for exactness tests and ablations.
         out_dtype: dtype of y; None means x's dtype. dX and dW come back in x's and the weight's dtypes.
@@ -474,16 +480,14 @@ class HaloLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y[..., O] = x[..., I] W^T + b, with the leading axes of x flattened into tokens T.
 
-        Under autocast x and W are cast to the autocast dtype first (bf16 on the GPU) and y comes out in
-        it, as with nn.Linear: the rotations and the quantizer then read bf16, and the casts' backward
-        returns fp32 gradients to fp32 master weights. The bias joins the GEMM (`_gemm`) and its gradient
-        is summed in fp32.
+        Under autocast x is cast to the autocast dtype first (bf16 on the GPU) and y comes out in it, as with
+        nn.Linear; `halo_matmul` casts W to x's dtype, so the rotations and the quantizer read bf16, and
+        returns dW in the master weight's dtype (fp32). The bias joins the GEMM (`_gemm`) and its gradient is
+        summed in fp32.
         """
-        weight = self.weight
         if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-        y_TO = halo_matmul(x.reshape(-1, self.in_features), weight, level=self.level, quantize=self.quantize,
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y_TO = halo_matmul(x.reshape(-1, self.in_features), self.weight, level=self.level, quantize=self.quantize,
                            out_dtype=x.dtype, hadamard_block=self.hadamard_block, amax_state=self.amax_state,
                            delayed=self.amax_state is not None and self.delayed_active, bias_O=self.bias)
         return y_TO.reshape(*x.shape[:-1], self.out_features)  # reshape: a padded _scaled_mm result is a slice

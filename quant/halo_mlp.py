@@ -49,13 +49,15 @@ class HaloGeluMlp(torch.autograd.Function):
         cast = kernel_cast()
 
         with torch.autocast(x_TD.device.type, enabled=False):
+            # The weights cast to x's dtype here, not by the caller, as in quant.halo.HaloMatmul: the dW GEMMs
+            # then write the master weights' dtype themselves.
             x_rows, x_cols, x_scale = _cast_plain(x_TD, state_up, 0)
-            wu_rows, wu_cols, wu_scale = _cast_plain(w_up_FD, state_up, 1)
+            wu_rows, wu_cols, wu_scale = _cast_plain(w_up_FD.to(x_TD.dtype), state_up, 1)
             u_TF = _gemm(_Operand(x_rows, x_scale), _Operand(wu_rows, wu_scale), x_TD.dtype, fast_accum=True)
             _record_plain(state_up, 0, x_rows, x_scale)
             _record_plain(state_up, 1, wu_rows, wu_scale)
             a_rows, a_cols, a_scale, _ = cast(u_TF, state_down, 0, rows=True, cols=True, prologue="gelu", bias=b_up_F)
-            wd_rows, wd_cols, wd_scale = _cast_plain(w_down_DF, state_down, 1)
+            wd_rows, wd_cols, wd_scale = _cast_plain(w_down_DF.to(x_TD.dtype), state_down, 1)
             y_TD = _gemm(_Operand(a_rows, a_scale), _Operand(wd_rows, wd_scale), x_TD.dtype, fast_accum=True,
                          bias_N=b_down_D)
             _record_plain(state_down, 1, wd_rows, wd_scale)
@@ -95,10 +97,8 @@ def gelu_mlp(up: torch.nn.Module, down: torch.nn.Module, x: torch.Tensor) -> tor
         return None
     if not fused_cast_ready(x):
         return None
-    w_up, w_down = up.weight, down.weight
     if torch.is_autocast_enabled(x.device.type):  # as HaloLinear.forward: the casts read the autocast dtype
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w_up, w_down = x.to(dtype), w_up.to(dtype), w_down.to(dtype)
-    y_TD = HaloGeluMlp.apply(x.reshape(-1, up.in_features).contiguous(), w_up, up.bias, w_down, down.bias,
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    y_TD = HaloGeluMlp.apply(x.reshape(-1, up.in_features).contiguous(), up.weight, up.bias, down.weight, down.bias,
                              up.amax_state, down.amax_state)
     return y_TD.reshape(*x.shape[:-1], down.out_features)

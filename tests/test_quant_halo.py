@@ -282,6 +282,26 @@ def test_halo_runs_under_bf16_autocast_with_fp32_master_weights():
     assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("level", [0, 1])
+def test_halo_weight_gradient_comes_back_in_fp32_from_the_gemm_under_autocast(level):
+    """Under autocast HaloMatmul casts the fp32 master weight itself, so autograd holds no cast node between
+    the weight and the GEMM, and dW leaves the (simulated) GEMM in fp32: at level 0 with more than bf16's
+    8 bits of mantissa, where a bf16 GEMM output cast to fp32 would have exactly bf16's."""
+    torch.manual_seed(7)
+    layer = HaloLinear(64, 48, level=level)
+    x = torch.randn(32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    matmul = y.grad_fn.next_functions[0][0]  # under the reshape back to x's leading axes
+    assert type(matmul).__name__ == "HaloMatmulBackward"
+    weight_node = matmul.next_functions[1][0]
+    assert getattr(weight_node, "variable", None) is layer.weight  # AccumulateGrad: no ToCopyBackward between
+    y.float().square().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    if level == 0:
+        assert not torch.equal(layer.weight.grad, layer.weight.grad.bfloat16().float())
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_scaled_mm_matches_the_simulated_gemm_on_cuda(level):
