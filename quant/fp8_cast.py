@@ -66,8 +66,10 @@ def _launch(kernel, x_RC: torch.Tensor, state: torch.Tensor, operand: int, rows:
     colsum_C = torch.zeros((C,) if colsum else (0,), dtype=torch.float32, device=device)
     history = state.shape[0] - 1
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    # An absent `saved` or `bias` gets a pointer the kernel never reads: the 4-byte scale, not x, which Inductor
+    # took for three inputs and wrote three copies of when x was a fused producer's output (fifteenth session).
     kernel[grid](
-        x_RC, saved if saved is not None else x_RC, bias if bias is not None else x_RC, rows_RC, cols_CR, state,
+        x_RC, saved if saved is not None else scale, bias if bias is not None else scale, rows_RC, cols_CR, state,
         scale, colsum_C, R, C, operand, history, state.shape[1],
         PROLOGUE=PROLOGUES[prologue], HAS_BIAS=bias is not None, WRITE_ROWS=rows, WRITE_COLS=cols, COLSUM=colsum,
         HISTORY_BLOCK=triton.next_power_of_2(history), SCALE_PER_AMAX=MARGIN / FP8_MAX, LIMIT=FP8_MAX,
