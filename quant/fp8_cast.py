@@ -52,12 +52,27 @@ GELU_K0, GELU_K1 = fp8_cast_kernel.GELU_K0.value, fp8_cast_kernel.GELU_K1.value
 # (BLOCK_R, BLOCK_C, warps) per prologue: the fastest at [16384, 2048] and [16384, 8192] in two runs of
 # `python -m benchmarks.diag.fp8_cast` on the H100 (benchmarks/RESULTS.md, thirteenth session).
 TILES = {"none": (128, 64, 4), "gelu": (64, 64, 4), "gelu_backward": (64, 128, 4)}
+# x may come as column segments read in place (`cast`); each is this many columns wide, so that a tile of BLOCK_C
+# (halved down to 16 where needed) lies inside one.
+MAX_SEGMENTS, SEGMENT_ALIGN = 3, 16
 
 
-def _launch(kernel, x_RC: torch.Tensor, state: torch.Tensor, operand: int, rows: bool, cols: bool,
+def _as_parts(x_RC) -> tuple[torch.Tensor, ...]:
+    return (x_RC,) if isinstance(x_RC, torch.Tensor) else tuple(x_RC)
+
+
+def _launch(kernel, parts: tuple[torch.Tensor, ...], state: torch.Tensor, operand: int, rows: bool, cols: bool,
             prologue: str, bias: torch.Tensor | None, saved: torch.Tensor | None, colsum: bool,
             block_r: int, block_c: int, num_warps: int):
-    R, C = x_RC.shape
+    x_RC = parts[0]
+    R, C = x_RC.shape[0], sum(part.shape[1] for part in parts)
+    # Segment starts C1, C2 (both C for one segment), and a BLOCK_C that divides them (multiples of 16, _check).
+    starts = [sum(part.shape[1] for part in parts[:i]) for i in (1, 2)]
+    C1, C2 = (start if len(parts) > i else C for i, start in zip((1, 2), starts))
+    while block_c > 16 and any(start % block_c for start in (C1, C2) if start < C):
+        block_c //= 2
+    x1 = parts[1] if len(parts) > 1 else x_RC
+    x2 = parts[2] if len(parts) > 2 else x1
     device = x_RC.device
     empty = functools.partial(torch.empty, device=device)
     rows_RC = empty((R, C) if rows else (0,), dtype=FP8_DTYPE)
@@ -69,19 +84,30 @@ def _launch(kernel, x_RC: torch.Tensor, state: torch.Tensor, operand: int, rows:
     # An absent `saved` or `bias` gets a pointer the kernel never reads: the 4-byte scale, not x, which Inductor
     # took for three inputs and wrote three copies of when x was a fused producer's output (fifteenth session).
     kernel[grid](
-        x_RC, saved if saved is not None else scale, bias if bias is not None else scale, rows_RC, cols_CR, state,
-        scale, colsum_C, R, C, operand, history, state.shape[1],
+        x_RC, x1, x2, saved if saved is not None else scale, bias if bias is not None else scale, rows_RC, cols_CR,
+        state, scale, colsum_C, R, C, C1, C2, x_RC.stride(0), x1.stride(0), x2.stride(0), operand, history,
+        state.shape[1],
         PROLOGUE=PROLOGUES[prologue], HAS_BIAS=bias is not None, WRITE_ROWS=rows, WRITE_COLS=cols, COLSUM=colsum,
         HISTORY_BLOCK=triton.next_power_of_2(history), SCALE_PER_AMAX=MARGIN / FP8_MAX, LIMIT=FP8_MAX,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return rows_RC, cols_CR, scale, colsum_C
 
 
-def _check(x_RC: torch.Tensor, state: torch.Tensor, operand: int, prologue: str, bias, saved, colsum: bool):
+def _check(parts: tuple[torch.Tensor, ...], state: torch.Tensor, operand: int, prologue: str, bias, saved,
+           colsum: bool):
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue must be one of {sorted(PROLOGUES)}, got {prologue!r}")
-    if x_RC.dim() != 2 or not x_RC.is_contiguous():
-        raise ValueError(f"x must be a contiguous [R, C] tensor, got shape {tuple(x_RC.shape)}")
+    if not 1 <= len(parts) <= MAX_SEGMENTS:
+        raise ValueError(f"x is one to {MAX_SEGMENTS} column segments, got {len(parts)}")
+    x_RC = parts[0]
+    for part in parts:
+        if part.dim() != 2 or part.stride(1) != 1 or part.shape[0] != x_RC.shape[0] or part.dtype != x_RC.dtype:
+            raise ValueError("x must be [R, C] tensors of one dtype and row count, each with contiguous rows, got "
+                             f"{[(tuple(p.shape), p.stride(), p.dtype) for p in parts]}")
+    if len(parts) > 1 and (prologue != "none" or any(part.shape[1] % SEGMENT_ALIGN for part in parts)):
+        raise ValueError(f"column segments take no prologue and must be multiples of {SEGMENT_ALIGN} wide")
+    if len(parts) == 1 and prologue != "none" and not x_RC.is_contiguous():
+        raise ValueError(f"x must be contiguous for a prologue, got shape {tuple(x_RC.shape)}")
     if state.dtype != torch.float32 or state.dim() != 2 or not state.is_contiguous() or not 0 <= operand < state.shape[1]:
         raise ValueError(f"state must be a contiguous fp32 [history + 1, operands] tensor with column {operand}")
     if (prologue == "gelu_backward") != (saved is not None):
@@ -94,36 +120,41 @@ def _check(x_RC: torch.Tensor, state: torch.Tensor, operand: int, prologue: str,
         raise ValueError("column sums are for gradients (prologue none or gelu_backward)")
 
 
-def cast_eager(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, rows: bool = True, cols: bool = False,
+def cast_eager(x_RC, state: torch.Tensor, operand: int, *, rows: bool = True, cols: bool = False,
                prologue: str = "none", bias: torch.Tensor | None = None, saved: torch.Tensor | None = None,
                colsum: bool = False, block_r: int | None = None, block_c: int | None = None,
                num_warps: int | None = None):
     """The kernel launched directly (no custom op): for tests (interpreter) and the tile benchmark.
 
     Returns (rows [R, C] FP8 or empty, cols [C, R] FP8 or empty, scale: fp32 scalar, colsum [C] fp32 or
-    empty). Records max |v| into state[history, operand] (the module docstring's table).
+    empty). Records max |v| into state[history, operand] (the module docstring's table). x_RC as in `cast`.
     """
-    _check(x_RC, state, operand, prologue, bias, saved, colsum)
+    parts = _as_parts(x_RC)
+    _check(parts, state, operand, prologue, bias, saved, colsum)
     tile = TILES[prologue]
-    return _launch(fp8_cast_kernel.cast_kernel, x_RC, state, operand, rows, cols, prologue, bias, saved, colsum,
+    return _launch(fp8_cast_kernel.cast_kernel, parts, state, operand, rows, cols, prologue, bias, saved, colsum,
                    block_r or tile[0], block_c or tile[1], num_warps or tile[2])
 
 
 @torch.library.triton_op("fuyou::fp8_cast", mutates_args={"state"})
 def _fp8_cast_op(x_RC: torch.Tensor, state: torch.Tensor, operand: int, rows: bool, cols: bool, prologue: str,
-                 bias: torch.Tensor | None, saved: torch.Tensor | None, colsum: bool
+                 bias: torch.Tensor | None, saved: torch.Tensor | None, colsum: bool,
+                 x1: torch.Tensor | None, x2: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch(torch.library.wrap_triton(fp8_cast_kernel.cast_kernel), x_RC, state, operand, rows, cols, prologue, bias, saved,
-                   colsum, *TILES[prologue])
+    parts = tuple(part for part in (x_RC, x1, x2) if part is not None)
+    return _launch(torch.library.wrap_triton(fp8_cast_kernel.cast_kernel), parts, state, operand, rows, cols,
+                   prologue, bias, saved, colsum, *TILES[prologue])
 
 
-def cast(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, rows: bool = True, cols: bool = False,
+def cast(x_RC, state: torch.Tensor, operand: int, *, rows: bool = True, cols: bool = False,
          prologue: str = "none", bias: torch.Tensor | None = None, saved: torch.Tensor | None = None,
          colsum: bool = False):
     """cast_eager's work as the custom op `fuyou::fp8_cast`, which torch.compile keeps inside a compiled graph.
 
     Args:
-        x_RC: contiguous [R, C] (bf16, or any float dtype the kernel can load) on a CUDA device.
+        x_RC: [R, C] with contiguous rows (bf16, or any float dtype the kernel can load) on a CUDA device; or
+            up to three such [R, C_i] tensors, read as their concatenation along columns without writing it
+            (the attention's dq, dk, dv as the QKV projection's dY), each C_i a multiple of 16, prologue "none".
         state: the HaloLinear's `amax_state` [history + 1, operands] fp32; mutated (the pending row).
         operand: the column of `state` this tensor scales by and records into.
         rows, cols: which FP8 layouts to write.
@@ -135,8 +166,10 @@ def cast(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, rows: bool = 
     Returns:
         (rows [R, C] or empty, cols [C, R] or empty, scale fp32 scalar with v ≈ q · scale, colsum or empty).
     """
-    _check(x_RC, state, operand, prologue, bias, saved, colsum)
-    return _fp8_cast_op(x_RC, state, operand, rows, cols, prologue, bias, saved, colsum)
+    parts = _as_parts(x_RC)
+    _check(parts, state, operand, prologue, bias, saved, colsum)
+    x1, x2 = (parts[1:] + (None, None))[:2]
+    return _fp8_cast_op(parts[0], state, operand, rows, cols, prologue, bias, saved, colsum, x1, x2)
 
 
 def gelu_tanh(u: torch.Tensor) -> torch.Tensor:

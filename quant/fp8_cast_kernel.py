@@ -16,8 +16,8 @@ def _tanh(z):
 
 
 @triton.jit
-def cast_kernel(x_ptr, saved_ptr, bias_ptr, rows_ptr, cols_ptr, state_ptr, scale_ptr, colsum_ptr,
-                 R, C, operand, history, n_operands,
+def cast_kernel(x_ptr, x1_ptr, x2_ptr, saved_ptr, bias_ptr, rows_ptr, cols_ptr, state_ptr, scale_ptr, colsum_ptr,
+                 R, C, C1, C2, x_stride, x1_stride, x2_stride, operand, history, n_operands,
                  PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ROWS: tl.constexpr,
                  WRITE_COLS: tl.constexpr, COLSUM: tl.constexpr, HISTORY_BLOCK: tl.constexpr,
                  SCALE_PER_AMAX: tl.constexpr, LIMIT: tl.constexpr,
@@ -34,7 +34,16 @@ def cast_kernel(x_ptr, saved_ptr, bias_ptr, rows_ptr, cols_ptr, state_ptr, scale
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     inside = (r[:, None] < R) & (c[None, :] < C)
     offsets = r[:, None].to(tl.int64) * C + c[None, :]
-    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    # x is up to three column segments [R, C1], [R, C2 - C1], [R, C - C2], each with its own row stride; a tile
+    # lies inside one (the host makes BLOCK_C divide C1 and C2; one segment has C1 = C2 = C).
+    c_first = pid_c * BLOCK_C
+    if c_first < C1:
+        x_tile = x_ptr + r[:, None].to(tl.int64) * x_stride + c[None, :]
+    elif c_first < C2:
+        x_tile = x1_ptr + r[:, None].to(tl.int64) * x1_stride + (c - C1)[None, :]
+    else:
+        x_tile = x2_ptr + r[:, None].to(tl.int64) * x2_stride + (c - C2)[None, :]
+    x = tl.load(x_tile, mask=inside, other=0.0).to(tl.float32)
     if PROLOGUE == 0:
         v = x
     else:

@@ -82,7 +82,7 @@ HADAMARD_BLOCK = 256
 # Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
 _compiler = {"enabled": True, "failed": False, "function": None}
 # Whether the GELU MLP's delayed-scaling casts on CUDA run quant.fp8_cast's kernel (see use_fused_cast).
-_fused_cast = {"enabled": True, "failed": False, "loaded": False, "cast": None, "linear_dy": False}
+_fused_cast = {"enabled": True, "failed": False, "loaded": False, "cast": None, "linear_dy": False, "split_dy": True}
 
 
 def use_fused_cast(enabled: bool) -> None:
@@ -101,6 +101,13 @@ def use_kernel_for_linear_dy(enabled: bool) -> None:
     out in bf16 for the opaque kernel to read, and the out-projection's dY comes out of LayerNorm's backward,
     whose kernel writes the torch-op casts itself."""
     _fused_cast["linear_dy"] = enabled
+
+
+def use_kernel_for_split_dy(enabled: bool) -> None:
+    """Whether a HaloLinear run through `forward_split` (the attention's QKV projection) casts its dY with
+    `quant.fp8_cast`'s kernel under delayed scaling, reading dq, dk and dv where the attention's backward wrote
+    them (enabled, the default), or concatenates them for the torch-op casts (disabled)."""
+    _fused_cast["split_dy"] = enabled
 
 
 def _load_fused_cast() -> bool:
@@ -308,11 +315,13 @@ def _rotate(x: torch.Tensor, dim: int, block: int | None, *, inverse: bool = Fal
 
 
 class HaloMatmul(torch.autograd.Function):
-    """y_TO = x_TI @ weight_OI^T with HALO's FP8 GEMMs and rotations (table in the module docstring)."""
+    """y_TO = x_TI @ weight_OI^T with HALO's FP8 GEMMs and rotations (table in the module docstring); with
+    `split_O`, y's column blocks of those widths as separate outputs (views of y), each with its own gradient."""
 
     @staticmethod
     def forward(ctx, x_TI, weight_OI, level: int, quantize: bool, out_dtype: torch.dtype, block: int | None,
-                amax_state: torch.Tensor | None, delayed: bool, bias_O: torch.Tensor | None):
+                amax_state: torch.Tensor | None, delayed: bool, bias_O: torch.Tensor | None,
+                split_O: tuple[int, ...] | None):
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rotated = level >= 1
         rows = [None] * 4 if amax_state is None else list(amax_state.unbind(1))  # x, w, dy, dy rotated along tokens
@@ -335,24 +344,29 @@ class HaloMatmul(torch.autograd.Function):
         ctx.x_dtype, ctx.weight_dtype = x_TI.dtype, weight_OI.dtype
         ctx.x_scale, ctx.w_scale = x_op.scale, w_op.scale
         ctx.save_for_backward(x_t_op.values if needs_dw else None, w_t_op.values if needs_dx else None)
-        return y_TO
+        return y_TO if split_O is None else y_TO.split(split_O, dim=-1)
 
     @staticmethod
-    def backward(ctx, dy_TO):
+    def backward(ctx, *dy_parts):
         x_t_values, w_t_values = ctx.saved_tensors
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[8]
         level, quantize, block = ctx.level, ctx.quantize, ctx.block
-        dy_TO = dy_TO.contiguous()
         dx_TI = dw_OI = db_O = None
         rows, delayed = ctx.rows, ctx.delayed
-        fused = delayed and quantize and level < 2 and _fused_cast["linear_dy"] and fused_cast_ready(dy_TO)
+        split = len(dy_parts) > 1
+        # dY's column blocks (dq, dk, dv) in place where the kernel can read them; a row-strided block is fine.
+        dy_parts = tuple(part if part.stride(-1) == 1 else part.contiguous() for part in dy_parts)
+        fused = (delayed and quantize and level < 2 and fused_cast_ready(dy_parts[0])
+                 and (_fused_cast["split_dy"] and _segments_fit(dy_parts) if split else _fused_cast["linear_dy"]))
         if fused:
             # quant.fp8_cast: both layouts in one pass, the bias gradient and the exact amax on the way; outside
-            # the autocast block below (kernel_cast says why).
-            dy_op, dy_t_op, db_O = _kernel_operands(dy_TO, ctx.amax_state, 2, rows=needs_dx, cols=needs_dw,
-                                                    colsum=needs_db)
+            # the autocast block below (kernel_cast says why). Split, it reads dY's blocks where they lie.
+            dy_op, dy_t_op, db_O = _kernel_operands(dy_parts if split else dy_parts[0].contiguous(), ctx.amax_state,
+                                                    2, rows=needs_dx, cols=needs_dw, colsum=needs_db)
             plain_dy_op = None  # recorded by the kernel
-        with torch.autocast(dy_TO.device.type, enabled=False):
+        else:
+            dy_TO = (torch.cat(dy_parts, dim=-1) if split else dy_parts[0]).contiguous()
+        with torch.autocast(dy_parts[0].device.type, enabled=False):
             # One quantization of dY serves both GEMMs (level 2 rotates it along tokens for dX only).
             if not fused:
                 dy_op, dy_t_op = _operands(dy_TO, quantize, rows=needs_dx and level < 2, cols=needs_dw,
@@ -378,12 +392,18 @@ class HaloMatmul(torch.autograd.Function):
             if needs_dx and level == 2:
                 _record(dy_op, rows[3], delayed)
         db_O = None if db_O is None else db_O.to(ctx.bias_dtype)
-        return dx_TI, dw_OI, None, None, None, None, None, None, db_O
+        return dx_TI, dw_OI, None, None, None, None, None, None, db_O, None
 
 
-def _kernel_operands(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, rows: bool, cols: bool, colsum: bool):
+def _segments_fit(parts: tuple[torch.Tensor, ...]) -> bool:
+    """Whether `quant.fp8_cast` reads these column blocks in place (up to three, multiples of 16 wide, 2-D)."""
+    return len(parts) <= 3 and all(part.dim() == 2 and part.shape[1] % 16 == 0 for part in parts)
+
+
+def _kernel_operands(x_RC, state: torch.Tensor, operand: int, *, rows: bool, cols: bool, colsum: bool):
     """(x, x^T, Σ_r x [C] fp32 or None) from `quant.fp8_cast`'s kernel under delayed scaling: one read of x for
-    both FP8 layouts and the column sums, the exact amax recorded into `state`'s column `operand`.
+    both FP8 layouts and the column sums, the exact amax recorded into `state`'s column `operand`. x_RC is one
+    tensor or its column blocks (`quant.fp8_cast.cast`).
 
     Used for dY, the gradient a layer receives: no kernel of the backward graph produces it (it is the graph's
     input, or the sum of a LayerNorm's backward and the residual), so there is no producer for Inductor to
@@ -397,7 +417,7 @@ def _kernel_operands(x_RC: torch.Tensor, state: torch.Tensor, operand: int, *, r
 def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quantize: bool = True,
                 out_dtype: torch.dtype | None = None, hadamard_block: int | None = HADAMARD_BLOCK,
                 amax_state: torch.Tensor | None = None, delayed: bool = False,
-                bias_O: torch.Tensor | None = None) -> torch.Tensor:
+                bias_O: torch.Tensor | None = None, split_O: tuple[int, ...] | None = None):
     """x_TI @ weight_OI^T (+ bias_O) through HALO; differentiable in all three.
 
     Args:
@@ -413,9 +433,11 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
             along tokens); every quantization records its amax in its column. None records nothing.
         delayed: scale by the state's history (delayed scaling) instead of each tensor's own amax.
         bias_O: [O], added before y is rounded to `out_dtype` (`_gemm`); its gradient comes back in its dtype.
+        split_O: widths summing to O: return y's column blocks of these widths (views of y), whose gradients
+            the backward reads in place instead of concatenating them first (`HaloLinear.forward_split`).
 
     Returns:
-        y_TO in `out_dtype`.
+        y_TO in `out_dtype`, or the tuple of its column blocks with `split_O`.
 
     Raises:
         ValueError: a level other than 0, 1, 2, or `delayed` without a state.
@@ -424,8 +446,10 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
         raise ValueError(f"HALO level must be one of {LEVELS}, got {level!r}")
     if delayed and amax_state is None:
         raise ValueError("delayed scaling takes its scales from an amax_state; pass one")
+    if split_O is not None and sum(split_O) != weight_OI.shape[0]:
+        raise ValueError(f"split_O {tuple(split_O)} must sum to the {weight_OI.shape[0]} output features")
     return HaloMatmul.apply(x_TI, weight_OI, level, quantize, out_dtype or x_TI.dtype, hadamard_block,
-                            amax_state, delayed, bias_O)
+                            amax_state, delayed, bias_O, None if split_O is None else tuple(split_O))
 
 
 class HaloLinear(nn.Linear):
@@ -487,10 +511,22 @@ class HaloLinear(nn.Linear):
         """
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        y_TO = halo_matmul(x.reshape(-1, self.in_features), self.weight, level=self.level, quantize=self.quantize,
-                           out_dtype=x.dtype, hadamard_block=self.hadamard_block, amax_state=self.amax_state,
-                           delayed=self.amax_state is not None and self.delayed_active, bias_O=self.bias)
+        y_TO = self._matmul(x)
         return y_TO.reshape(*x.shape[:-1], self.out_features)  # reshape: a padded _scaled_mm result is a slice
+
+    def forward_split(self, x: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """`self(x).split(sizes, -1)`, with each block's gradient reaching the backward on its own: the attention's
+        dq, dk and dv are cast to FP8 where they lie instead of being concatenated first (`halo_matmul`'s
+        split_O), which at the 1.3B shape saved a write and a read of the [T, 3D] bf16 dQKV."""
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return tuple(y_TS.reshape(*x.shape[:-1], y_TS.shape[-1]) for y_TS in self._matmul(x, tuple(sizes)))
+
+    def _matmul(self, x: torch.Tensor, split_O: tuple[int, ...] | None = None):
+        return halo_matmul(x.reshape(-1, self.in_features), self.weight, level=self.level, quantize=self.quantize,
+                           out_dtype=x.dtype, hadamard_block=self.hadamard_block, amax_state=self.amax_state,
+                           delayed=self.amax_state is not None and self.delayed_active, bias_O=self.bias,
+                           split_O=split_O)
 
     def forward_gelu_mlp(self, up_proj: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """self(gelu_tanh(up_proj(x))) with the GELU computed inside the FP8 casts (`quant.halo_mlp`), for a

@@ -105,6 +105,28 @@ def test_one_layout_empty_history_and_pending_max(interpreted):
     assert state[-1, 0] == x.float().abs().max()
 
 
+def _segments(R: int, widths: tuple[int, ...], seed: int = 1):
+    """Column segments as the attention's dq, dk, dv reach the QKV projection: the first two slices of one wider
+    tensor (row stride past their width), the last a tensor of its own."""
+    generator = torch.Generator().manual_seed(seed)
+    wide = (torch.randn(R, widths[0] + widths[1] + 8, generator=generator) * 3).bfloat16()
+    last = (torch.randn(R, widths[2], generator=generator) * 3).bfloat16()
+    return wide[:, : widths[0]], wide[:, widths[0]: widths[0] + widths[1]], last
+
+
+def test_column_segments_cast_as_their_concatenation(interpreted):
+    parts = _segments(40, (32, 16, 48))
+    state, expected_state = _state(4, [2.0, 9.0]), _state(4, [2.0, 9.0])
+    # BLOCK_C 64 spans segments: the launch halves it to 16, which divides both segment starts (32, 48).
+    rows, cols, scale, colsum = fp8_cast.cast_eager(parts, state, 2, rows=True, cols=True, colsum=True,
+                                                   block_r=16, block_c=64, num_warps=4)
+    q, expected_scale, v = fp8_cast.reference(torch.cat(parts, dim=1), expected_state, 2)
+    assert rows.shape == (40, 96) and cols.shape == (96, 40) and scale.item() == expected_scale.item()
+    assert torch.equal(rows.view(torch.uint8), q.view(torch.uint8)) and torch.equal(cols, rows.t())
+    assert state[-1, 2] == expected_state[-1, 2]
+    torch.testing.assert_close(colsum, v.sum(0), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"prologue": "relu"}, "prologue must be one of"),
     ({"x": torch.zeros(4, 6).t()}, "contiguous"),
@@ -114,6 +136,10 @@ def test_one_layout_empty_history_and_pending_max(interpreted):
     ({"saved": torch.zeros(6, 4)}, "saved pre-activation"),
     ({"prologue": "gelu", "bias": torch.zeros(5)}, "one value per column"),
     ({"prologue": "gelu", "colsum": True}, "column sums"),
+    ({"x": (torch.zeros(6, 16), torch.zeros(6, 8))}, "multiples of 16"),
+    ({"x": (torch.zeros(6, 16), torch.zeros(6, 16)), "prologue": "gelu", "bias": torch.zeros(16)}, "no prologue"),
+    ({"x": (torch.zeros(6, 16), torch.zeros(5, 16))}, "row count"),
+    ({"x": (torch.zeros(6, 16),) * 4}, "one to 3 column segments"),
 ])
 def test_bad_arguments_are_named(change, message):
     arguments = {"x": torch.zeros(6, 4), "state": torch.zeros(5, 4), "operand": 0, "prologue": "none",
@@ -151,6 +177,25 @@ def test_gpu_op_matches_reference_eager_and_compiled(prologue):
             assert state[-1, 2].item() == pytest.approx(expected_state[-1, 2].item(), rel=1e-5)
         if prologue != "gelu":
             torch.testing.assert_close(colsum, v.sum(0), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_column_segments_eager_and_compiled():
+    parts = tuple(part.cuda() for part in _segments(1000, (256, 128, 128)))
+    expected_state = _state(4, [2.0, 9.0]).cuda()
+    q, expected_scale, v = fp8_cast.reference(torch.cat(parts, dim=1), expected_state, 2)
+
+    def run(state):
+        rows, cols, scale, colsum = fp8_cast.cast(parts, state, 2, rows=True, cols=True, colsum=True)
+        return rows.view(torch.uint8), cols.view(torch.uint8), scale, colsum
+
+    for runner in (run, torch.compile(run, fullgraph=True)):
+        state = _state(4, [2.0, 9.0]).cuda()
+        rows, cols, scale, colsum = runner(state)
+        assert torch.equal(rows, q.view(torch.uint8)) and torch.equal(cols, rows.t())
+        assert scale.item() == expected_scale.item() and state[-1, 2] == expected_state[-1, 2]
+        torch.testing.assert_close(colsum, v.sum(0), rtol=1e-4, atol=1e-3)
 
 
 # --- quant.halo_mlp on the fused casts, on the CPU through the interpreter.
@@ -223,15 +268,21 @@ def test_gelu_mlp_fused_matches_unfused(fused_on_cpu, monkeypatch):
     assert ((y_fused.double() - y64).norm() / y64.norm()) < 0.08
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("level", [0, 1])
-def test_halo_linear_dy_through_the_kernel_matches_torch_ops(fused_on_cpu, monkeypatch, level):
+def test_halo_linear_dy_through_the_kernel_matches_torch_ops(fused_on_cpu, monkeypatch, level, split):
     """quant.halo's backward casts dY with the kernel under delayed scaling (levels 0-1): both layouts, the
-    bias gradient as the kernel's column sums, the exact amax; against the torch-op casts of the same dY."""
+    bias gradient as the kernel's column sums, the exact amax; against the torch-op casts of the same dY.
+    `split` runs the layer through forward_split, whose backward hands the kernel dY's three column blocks
+    as they arrive (views with dY's row stride), and the torch ops their concatenation."""
     import quant.halo
     from quant import delayed_scaling
     from quant.halo import HaloLinear
 
     monkeypatch.setitem(quant.halo._fused_cast, "linear_dy", True)  # off by default (use_kernel_for_linear_dy)
+    kernel_inputs = []
+    monkeypatch.setattr(quant.halo, "_kernel_operands", lambda x, *a, original=quant.halo._kernel_operands, **k:
+                        kernel_inputs.append(x) or original(x, *a, **k))
     results = []
     for fused in (True, False):
         monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x, fused=fused: fused)
@@ -242,8 +293,12 @@ def test_halo_linear_dy_through_the_kernel_matches_torch_ops(fused_on_cpu, monke
         delayed_scaling.end_step(layer)
         layer.zero_grad()
         x = (x0 * 1.3).requires_grad_()
-        layer(x).backward(dy0 * 1.5)  # within the 2x headroom: nothing saturates
+        if split:  # within the 2x headroom: nothing saturates
+            torch.autograd.backward(layer.forward_split(x, (16, 16, 16)), (dy0 * 1.5).split(16, dim=-1))
+        else:
+            layer(x).backward(dy0 * 1.5)
         results.append((x.grad, layer.weight.grad, layer.bias.grad, layer.amax_state[-1].clone()))
+    assert len(kernel_inputs) == 1 and isinstance(kernel_inputs[0], tuple) == split  # the blocks, not their cat
     (dx_k, dw_k, db_k, pending_k), (dx_t, dw_t, db_t, pending_t) = results
     # Same scale, same e4m3 rounding of dY: the GEMMs agree to their fp32 sums' order.
     torch.testing.assert_close(dx_k, dx_t, rtol=1e-5, atol=1e-9)

@@ -13,8 +13,11 @@ Kernel time against the median step says how much of the step the GPU computes a
 foreach one, torch's default on CUDA, with the same groups and hyper-parameters: what the optimizer costs
 each mode. A `-delayed` variant (e.g. `halo0-delayed`) sets `quant.halo_scaling=delayed`, which at level 0 on
 CUDA runs the MLP with its GELU inside `quant.fp8_cast`'s casts (`quant.halo_mlp`); `-delayed-torchcast`
-runs it as two HaloLinears casting with torch ops instead, as before that kernel existed; `-mlpdy` keeps the
-kernel for the MLP but casts the attention linears' dY with torch ops (`quant.halo.use_kernel_for_linear_dy`). A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
+runs it as two HaloLinears casting with torch ops instead, as before that kernel existed. The attention's
+linears cast dY by the library's defaults unless told: `-lineardy` casts the out-projection's dY with the kernel
+too (`quant.halo.use_kernel_for_linear_dy`), `-catdy` concatenates the QKV projection's dq, dk, dv for torch-op
+casts instead of the kernel reading them in place (`quant.halo.use_kernel_for_split_dy`); `-mlpdy`, the
+fourteenth session's name for the defaults of then, is accepted and changes nothing. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
 64th row instead of the whole tensor, clamping what overflows: the quantizer's cast then waits on a reduction
 over 1/64 of the data, about what delayed scaling (last step's amax) would cost. A timing bound only, its
 numerics are not HALO's. `--kernels-json` writes every profiled kernel's total milliseconds and launches per
@@ -71,12 +74,14 @@ def build(args, variant: str):
         f"train.compile={'true' if args.compile else 'false'}",
     ]
     variant, *flags = variant.split("-")
-    unknown = set(flags) - {"sampled", "delayed", "torchcast", "mlpdy"}
+    unknown = set(flags) - {"sampled", "delayed", "torchcast", "mlpdy", "lineardy", "catdy"}
     if unknown:
-        raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled, -delayed or -torchcast")
+        raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled, -delayed, -torchcast, -lineardy "
+                         "or -catdy")
     delayed = "delayed" in flags
     quant.halo.use_fused_cast("torchcast" not in flags)
-    quant.halo.use_kernel_for_linear_dy("mlpdy" not in flags)
+    quant.halo.use_kernel_for_linear_dy("lineardy" in flags)
+    quant.halo.use_kernel_for_split_dy("catdy" not in flags)
     quant.halo._quantize_math = _sampled_quantize_math if "sampled" in flags else _QUANTIZE_MATH
     torch._dynamo.reset()  # variants alternate in one process: trace the quantizer each one uses afresh
     if variant.startswith("halo"):

@@ -201,6 +201,13 @@ def apply_rotary(x_BNSE: torch.Tensor, cos_SE: torch.Tensor, sin_SE: torch.Tenso
     return x_BNSE * cos_SE + rotated_half_BNSE * sin_SE
 
 
+def _split_linear(linear: nn.Module, x_BSI: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """linear(x).split(sizes, -1); a linear with its own `forward_split` (HALO's FP8 linear, which then reads
+    the blocks' gradients in place rather than concatenated) runs that."""
+    split = getattr(linear, "forward_split", None)
+    return split(x_BSI, sizes) if split is not None else linear(x_BSI).split(sizes, dim=-1)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with grouped K/V heads and, for "llama", rotary positions."""
 
@@ -215,7 +222,7 @@ class Attention(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         H, K, E = self.num_heads, self.kv_heads, self.head_dim
-        q_BSX, k_BSX, v_BSX = self.qkv_proj(x_BSD).split([H * E, K * E, K * E], dim=-1)
+        q_BSX, k_BSX, v_BSX = _split_linear(self.qkv_proj, x_BSD, (H * E, K * E, K * E))
         q_BHSE = q_BSX.view(B, S, H, E).transpose(1, 2)
         k_BKSE = k_BSX.view(B, S, K, E).transpose(1, 2)
         v_BKSE = v_BSX.view(B, S, K, E).transpose(1, 2)
