@@ -52,8 +52,8 @@ GELU_K0, GELU_K1 = fp8_cast_kernel.GELU_K0.value, fp8_cast_kernel.GELU_K1.value
 # (BLOCK_R, BLOCK_C, warps) per prologue: the fastest at [16384, 2048] and [16384, 8192] in two runs of
 # `python -m benchmarks.diag.fp8_cast` on the H100 (benchmarks/RESULTS.md, thirteenth session).
 TILES = {"none": (128, 64, 4), "gelu": (64, 64, 4), "gelu_backward": (64, 128, 4)}
-# x may come as column segments read in place (`cast`); each is this many columns wide, so that a tile of BLOCK_C
-# (halved down to 16 where needed) lies inside one.
+# x may come as column segments read in place (`cast`), each launched on its own; widths a multiple of 16 keep
+# every segment's first output byte 16-byte aligned for Triton's vector stores.
 MAX_SEGMENTS, SEGMENT_ALIGN = 3, 16
 
 
@@ -64,32 +64,29 @@ def _as_parts(x_RC) -> tuple[torch.Tensor, ...]:
 def _launch(kernel, parts: tuple[torch.Tensor, ...], state: torch.Tensor, operand: int, rows: bool, cols: bool,
             prologue: str, bias: torch.Tensor | None, saved: torch.Tensor | None, colsum: bool,
             block_r: int, block_c: int, num_warps: int):
-    x_RC = parts[0]
-    R, C = x_RC.shape[0], sum(part.shape[1] for part in parts)
-    # Segment starts C1, C2 (both C for one segment), and a BLOCK_C that divides them (multiples of 16, _check).
-    starts = [sum(part.shape[1] for part in parts[:i]) for i in (1, 2)]
-    C1, C2 = (start if len(parts) > i else C for i, start in zip((1, 2), starts))
-    while block_c > 16 and any(start % block_c for start in (C1, C2) if start < C):
-        block_c //= 2
-    x1 = parts[1] if len(parts) > 1 else x_RC
-    x2 = parts[2] if len(parts) > 2 else x1
-    device = x_RC.device
+    R, C = parts[0].shape[0], sum(part.shape[1] for part in parts)
+    device = parts[0].device
     empty = functools.partial(torch.empty, device=device)
     rows_RC = empty((R, C) if rows else (0,), dtype=FP8_DTYPE)
     cols_CR = empty((C, R) if cols else (0,), dtype=FP8_DTYPE)
     scale = empty((), dtype=torch.float32)
     colsum_C = torch.zeros((C,) if colsum else (0,), dtype=torch.float32, device=device)
     history = state.shape[0] - 1
-    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
-    # An absent `saved` or `bias` gets a pointer the kernel never reads: the 4-byte scale, not x, which Inductor
-    # took for three inputs and wrote three copies of when x was a fused producer's output (fifteenth session).
-    kernel[grid](
-        x_RC, x1, x2, saved if saved is not None else scale, bias if bias is not None else scale, rows_RC, cols_CR,
-        state, scale, colsum_C, R, C, C1, C2, x_RC.stride(0), x1.stride(0), x2.stride(0), operand, history,
-        state.shape[1],
-        PROLOGUE=PROLOGUES[prologue], HAS_BIAS=bias is not None, WRITE_ROWS=rows, WRITE_COLS=cols, COLSUM=colsum,
-        HISTORY_BLOCK=triton.next_power_of_2(history), SCALE_PER_AMAX=MARGIN / FP8_MAX, LIMIT=FP8_MAX,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    # One launch per column segment, each writing its columns of the outputs: branching on the segment inside
+    # one launch made Triton lose the loads' vectorization, 258 µs against 160 for [16384, 6144] (H100).
+    c0 = 0
+    for x_RC in parts:
+        width = x_RC.shape[1]
+        # An absent `saved` or `bias` gets a pointer the kernel never reads: the 4-byte scale, not x, which
+        # Inductor took for more inputs and wrote copies of when x was a fused producer's output (fifteenth
+        # session).
+        kernel[(triton.cdiv(R, block_r), triton.cdiv(width, block_c))](
+            x_RC, saved if saved is not None else scale, bias if bias is not None else scale, rows_RC, cols_CR,
+            state, scale, colsum_C, R, width, x_RC.stride(0), C, c0, operand, history, state.shape[1],
+            PROLOGUE=PROLOGUES[prologue], HAS_BIAS=bias is not None, WRITE_ROWS=rows, WRITE_COLS=cols,
+            COLSUM=colsum, HISTORY_BLOCK=triton.next_power_of_2(history), SCALE_PER_AMAX=MARGIN / FP8_MAX,
+            LIMIT=FP8_MAX, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        c0 += width
     return rows_RC, cols_CR, scale, colsum_C
 
 

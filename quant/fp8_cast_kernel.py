@@ -16,8 +16,8 @@ def _tanh(z):
 
 
 @triton.jit
-def cast_kernel(x_ptr, x1_ptr, x2_ptr, saved_ptr, bias_ptr, rows_ptr, cols_ptr, state_ptr, scale_ptr, colsum_ptr,
-                 R, C, C1, C2, x_stride, x1_stride, x2_stride, operand, history, n_operands,
+def cast_kernel(x_ptr, saved_ptr, bias_ptr, rows_ptr, cols_ptr, state_ptr, scale_ptr, colsum_ptr,
+                 R, C, x_stride, out_C, out_c0, operand, history, n_operands,
                  PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ROWS: tl.constexpr,
                  WRITE_COLS: tl.constexpr, COLSUM: tl.constexpr, HISTORY_BLOCK: tl.constexpr,
                  SCALE_PER_AMAX: tl.constexpr, LIMIT: tl.constexpr,
@@ -33,17 +33,10 @@ def cast_kernel(x_ptr, x1_ptr, x2_ptr, saved_ptr, bias_ptr, rows_ptr, cols_ptr, 
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     inside = (r[:, None] < R) & (c[None, :] < C)
-    offsets = r[:, None].to(tl.int64) * C + c[None, :]
-    # x is up to three column segments [R, C1], [R, C2 - C1], [R, C - C2], each with its own row stride; a tile
-    # lies inside one (the host makes BLOCK_C divide C1 and C2; one segment has C1 = C2 = C).
-    c_first = pid_c * BLOCK_C
-    if c_first < C1:
-        x_tile = x_ptr + r[:, None].to(tl.int64) * x_stride + c[None, :]
-    elif c_first < C2:
-        x_tile = x1_ptr + r[:, None].to(tl.int64) * x1_stride + (c - C1)[None, :]
-    else:
-        x_tile = x2_ptr + r[:, None].to(tl.int64) * x2_stride + (c - C2)[None, :]
-    x = tl.load(x_tile, mask=inside, other=0.0).to(tl.float32)
+    offsets = r[:, None].to(tl.int64) * C + c[None, :]  # saved: contiguous [R, C]
+    # x [R, C] has rows `x_stride` apart; it is columns out_c0 .. out_c0 + C of the outputs, which are out_C wide.
+    x = tl.load(x_ptr + r[:, None].to(tl.int64) * x_stride + c[None, :], mask=inside, other=0.0).to(tl.float32)
+    c_out = out_c0 + c
     if PROLOGUE == 0:
         v = x
     else:
@@ -62,12 +55,12 @@ def cast_kernel(x_ptr, x1_ptr, x2_ptr, saved_ptr, bias_ptr, rows_ptr, cols_ptr, 
 
     tl.atomic_max(state_ptr + history * n_operands + operand, tl.max(tl.max(tl.abs(v), axis=1), axis=0))
     if COLSUM:
-        tl.atomic_add(colsum_ptr + c, tl.sum(v, axis=0), mask=c < C)
+        tl.atomic_add(colsum_ptr + c_out, tl.sum(v, axis=0), mask=c < C)
     q = tl.clamp(v * inverse, -LIMIT, LIMIT).to(tl.float8e4nv, fp_downcast_rounding="rtne")
     if WRITE_ROWS:
-        tl.store(rows_ptr + offsets, q, mask=inside)
+        tl.store(rows_ptr + r[:, None].to(tl.int64) * out_C + c_out[None, :], q, mask=inside)
     if WRITE_COLS:
         # Stored transposed, tokens contiguous: Triton stages the tile through shared memory for this.
-        tl.store(cols_ptr + c[:, None].to(tl.int64) * R + r[None, :], tl.trans(q), mask=tl.trans(inside))
+        tl.store(cols_ptr + c_out[:, None].to(tl.int64) * R + r[None, :], tl.trans(q), mask=tl.trans(inside))
     if (pid_r == 0) & (pid_c == 0):
         tl.store(scale_ptr, scale)

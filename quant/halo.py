@@ -82,7 +82,8 @@ HADAMARD_BLOCK = 256
 # Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
 _compiler = {"enabled": True, "failed": False, "function": None}
 # Whether the GELU MLP's delayed-scaling casts on CUDA run quant.fp8_cast's kernel (see use_fused_cast).
-_fused_cast = {"enabled": True, "failed": False, "loaded": False, "cast": None, "linear_dy": False, "split_dy": True}
+_fused_cast = {"enabled": True, "failed": False, "loaded": False, "cast": None, "linear_dy": False, "split_dy": True,
+               "weights": True, "opaque_x": True}
 
 
 def use_fused_cast(enabled: bool) -> None:
@@ -108,6 +109,23 @@ def use_kernel_for_split_dy(enabled: bool) -> None:
     `quant.fp8_cast`'s kernel under delayed scaling, reading dq, dk and dv where the attention's backward wrote
     them (enabled, the default), or concatenates them for the torch-op casts (disabled)."""
     _fused_cast["split_dy"] = enabled
+
+
+def use_kernel_for_weights(enabled: bool) -> None:
+    """Whether, under delayed scaling on CUDA, every HaloLinear (and the fused GELU MLP) casts its weight with
+    `quant.fp8_cast`'s kernel (enabled, the default): the fp32 master weight read once, both FP8 layouts and the
+    exact amax written in that pass, the transposed copy kept for backward. With torch ops (disabled) Inductor
+    writes the row-major copy in the forward and, rather than keep the transposed one, reads the fp32 weight
+    again in the backward to write it, and takes the amax in separate reductions."""
+    _fused_cast["weights"] = enabled
+
+
+def use_kernel_for_opaque_inputs(enabled: bool) -> None:
+    """Whether, under delayed scaling on CUDA, a HaloLinear built with `opaque_input` (the attention's output
+    projection, whose x comes from the attention kernel, where Inductor has no producer to fuse a cast into)
+    casts x with `quant.fp8_cast`'s kernel (enabled, the default): both layouts and the exact amax in one pass,
+    the transposed copy kept for backward, where Inductor wrote it by reading x again."""
+    _fused_cast["opaque_x"] = enabled
 
 
 def _load_fused_cast() -> bool:
@@ -321,22 +339,33 @@ class HaloMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TI, weight_OI, level: int, quantize: bool, out_dtype: torch.dtype, block: int | None,
                 amax_state: torch.Tensor | None, delayed: bool, bias_O: torch.Tensor | None,
-                split_O: tuple[int, ...] | None):
+                split_O: tuple[int, ...] | None, opaque_input: bool):
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rotated = level >= 1
         rows = [None] * 4 if amax_state is None else list(amax_state.unbind(1))  # x, w, dy, dy rotated along tokens
+        kernel = delayed and quantize and level < 2 and fused_cast_ready(x_TI)
+        kernel_x, kernel_w = kernel and opaque_input and _fused_cast["opaque_x"], kernel and _fused_cast["weights"]
         with torch.autocast(x_TI.device.type, enabled=False):
-            # The weight in x's dtype (autocast's), cast here rather than by the caller: no autograd cast node,
-            # so dW comes back in the master weight's dtype straight from the GEMM (backward).
-            w_OI = weight_OI.to(x_TI.dtype)
             # Q(X H_I), and its transpose for dW = dY^T X; Q(W H_I), and its transpose for dX = dY W.
-            x_op, x_t_op = _operands(_rotate(x_TI, -1, block) if rotated else x_TI, quantize, cols=needs_dw,
-                                     state_row=rows[0], delayed=delayed)
-            w_op, w_t_op = _operands(_rotate(w_OI, -1, block) if rotated else w_OI, quantize, cols=needs_dx,
-                                     state_row=rows[1], delayed=delayed)
+            x_in = _rotate(x_TI, -1, block) if rotated else x_TI
+            if kernel_x:  # both layouts in one pass and the exact amax (use_kernel_for_opaque_inputs)
+                x_op, x_t_op, _ = _kernel_operands(x_in.contiguous(), amax_state, 0, rows=True, cols=needs_dw,
+                                                   colsum=False)
+            else:
+                x_op, x_t_op = _operands(x_in, quantize, cols=needs_dw, state_row=rows[0], delayed=delayed)
+            # The weight in x's dtype (autocast's), cast here rather than by the caller: no autograd cast node,
+            # so dW comes back in the master weight's dtype straight from the GEMM (backward). The kernel reads
+            # an unrotated fp32 master weight as it is (use_kernel_for_weights).
+            w_in = _rotate(weight_OI.to(x_TI.dtype), -1, block) if rotated else weight_OI
+            if kernel_w:
+                w_op, w_t_op, _ = _kernel_operands(w_in.contiguous(), amax_state, 1, rows=True, cols=needs_dx,
+                                                   colsum=False)
+            else:
+                w_op, w_t_op = _operands(w_in.to(x_TI.dtype), quantize, cols=needs_dx, state_row=rows[1],
+                                         delayed=delayed)
             y_TO = _gemm(x_op, w_op, out_dtype, fast_accum=True, bias_N=bias_O)  # (X H_I)(W H_I)^T = X W^T
-            _record(x_op, rows[0], delayed)
-            _record(w_op, rows[1], delayed)
+            _record(None if kernel_x else x_op, rows[0], delayed)  # the kernel recorded its operands itself
+            _record(None if kernel_w else w_op, rows[1], delayed)
         # The state is mutated in place by backward's recording too, so it rides on ctx, not in saved tensors.
         ctx.rows, ctx.delayed, ctx.amax_state = rows, delayed, amax_state
         ctx.bias_dtype = None if bias_O is None else bias_O.dtype
@@ -392,7 +421,7 @@ class HaloMatmul(torch.autograd.Function):
             if needs_dx and level == 2:
                 _record(dy_op, rows[3], delayed)
         db_O = None if db_O is None else db_O.to(ctx.bias_dtype)
-        return dx_TI, dw_OI, None, None, None, None, None, None, db_O, None
+        return dx_TI, dw_OI, None, None, None, None, None, None, db_O, None, None
 
 
 def _segments_fit(parts: tuple[torch.Tensor, ...]) -> bool:
@@ -417,7 +446,8 @@ def _kernel_operands(x_RC, state: torch.Tensor, operand: int, *, rows: bool, col
 def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quantize: bool = True,
                 out_dtype: torch.dtype | None = None, hadamard_block: int | None = HADAMARD_BLOCK,
                 amax_state: torch.Tensor | None = None, delayed: bool = False,
-                bias_O: torch.Tensor | None = None, split_O: tuple[int, ...] | None = None):
+                bias_O: torch.Tensor | None = None, split_O: tuple[int, ...] | None = None,
+                opaque_input: bool = False):
     """x_TI @ weight_OI^T (+ bias_O) through HALO; differentiable in all three.
 
     Args:
@@ -435,6 +465,7 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
         bias_O: [O], added before y is rounded to `out_dtype` (`_gemm`); its gradient comes back in its dtype.
         split_O: widths summing to O: return y's column blocks of these widths (views of y), whose gradients
             the backward reads in place instead of concatenating them first (`HaloLinear.forward_split`).
+        opaque_input: x comes from a kernel Inductor cannot fuse a cast into (use_kernel_for_opaque_inputs).
 
     Returns:
         y_TO in `out_dtype`, or the tuple of its column blocks with `split_O`.
@@ -449,7 +480,7 @@ def halo_matmul(x_TI: torch.Tensor, weight_OI: torch.Tensor, *, level: int, quan
     if split_O is not None and sum(split_O) != weight_OI.shape[0]:
         raise ValueError(f"split_O {tuple(split_O)} must sum to the {weight_OI.shape[0]} output features")
     return HaloMatmul.apply(x_TI, weight_OI, level, quantize, out_dtype or x_TI.dtype, hadamard_block,
-                            amax_state, delayed, bias_O, None if split_O is None else tuple(split_O))
+                            amax_state, delayed, bias_O, None if split_O is None else tuple(split_O), opaque_input)
 
 
 class HaloLinear(nn.Linear):
@@ -466,17 +497,20 @@ class HaloLinear(nn.Linear):
         hadamard_block: largest order of the diagonal Hadamard blocks, or None for full rotations.
         scaling: "current" (each tensor's own amax) or "delayed" (the amaxes of the last `amax_history`
             optimizer steps, `quant.delayed_scaling`; call its `end_step(model)` after every step).
+        opaque_input: x comes from a kernel Inductor cannot fuse a cast into (`use_kernel_for_opaque_inputs`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, level: int, quantize: bool = True,
                  hadamard_block: int | None = HADAMARD_BLOCK, scaling: str = "current",
-                 amax_history: int = delayed_scaling.DEFAULT_HISTORY, device=None, dtype=None):
+                 amax_history: int = delayed_scaling.DEFAULT_HISTORY, opaque_input: bool = False, device=None,
+                 dtype=None):
         if level not in LEVELS:
             raise ValueError(f"HALO level must be one of {LEVELS}, got {level!r}")
         if scaling not in SCALINGS:
             raise ValueError(f"HALO scaling must be one of {SCALINGS}, got {scaling!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.level, self.quantize, self.hadamard_block, self.scaling = level, quantize, hadamard_block, scaling
+        self.opaque_input = opaque_input
         # Not persistent: scaling statistics are no part of the model's weights or its HF export.
         state = delayed_scaling.new_state(amax_history, self.weight.device) if scaling == "delayed" else None
         self.register_buffer("amax_state", state, persistent=False)
@@ -488,13 +522,13 @@ class HaloLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, level: int, quantize: bool = True,
                     hadamard_block: int | None = HADAMARD_BLOCK, scaling: str = "current",
-                    amax_history: int = delayed_scaling.DEFAULT_HISTORY) -> HaloLinear:
+                    amax_history: int = delayed_scaling.DEFAULT_HISTORY, opaque_input: bool = False) -> HaloLinear:
         """A HaloLinear holding `linear`'s own Parameter objects (no copy), so optimizers that already
         reference them keep updating the layer."""
         with torch.device("meta"):
             halo = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                        level=level, quantize=quantize, hadamard_block=hadamard_block, scaling=scaling,
-                       amax_history=amax_history)
+                       amax_history=amax_history, opaque_input=opaque_input)
         halo.weight = linear.weight
         halo.bias = linear.bias
         if scaling == "delayed":
@@ -526,7 +560,7 @@ class HaloLinear(nn.Linear):
         return halo_matmul(x.reshape(-1, self.in_features), self.weight, level=self.level, quantize=self.quantize,
                            out_dtype=x.dtype, hadamard_block=self.hadamard_block, amax_state=self.amax_state,
                            delayed=self.amax_state is not None and self.delayed_active, bias_O=self.bias,
-                           split_O=split_O)
+                           split_O=split_O, opaque_input=self.opaque_input)
 
     def forward_gelu_mlp(self, up_proj: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """self(gelu_tanh(up_proj(x))) with the GELU computed inside the FP8 casts (`quant.halo_mlp`), for a
@@ -539,12 +573,13 @@ class HaloLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, level={self.level}, quantize={self.quantize}, "
-                f"hadamard_block={self.hadamard_block}, scaling={self.scaling}")
+                f"hadamard_block={self.hadamard_block}, scaling={self.scaling}"
+                + (", opaque_input=True" if self.opaque_input else ""))
 
 
 def apply_halo(model: nn.Module, *, level: int, quantize: bool = True, hadamard_block: int | None = HADAMARD_BLOCK,
                scaling: str = "current", amax_history: int = delayed_scaling.DEFAULT_HISTORY,
-               exclude: tuple[str, ...] = ("lm_head",)) -> list[str]:
+               exclude: tuple[str, ...] = ("lm_head",), opaque_inputs: tuple[str, ...] = ("o_proj",)) -> list[str]:
     """Swap every plain nn.Linear of `model` for a HaloLinear in place, except those named in `exclude`.
 
     The parameters are kept (same objects, same names), so a state dict, an optimizer built before the
@@ -561,6 +596,8 @@ def apply_halo(model: nn.Module, *, level: int, quantize: bool = True, hadamard_
         hadamard_block: largest order of the diagonal Hadamard blocks, or None for full rotations.
         scaling, amax_history: as HaloLinear's.
         exclude: last components of module names not to swap.
+        opaque_inputs: last components of the names of linears whose input comes from a kernel Inductor cannot
+            fuse a cast into: our attention's output projection, after SDPA (HaloLinear's `opaque_input`).
 
     Returns:
         The qualified names of the swapped modules.
@@ -578,7 +615,8 @@ def apply_halo(model: nn.Module, *, level: int, quantize: bool = True, hadamard_
             continue
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, HaloLinear.from_linear(module, level=level, quantize=quantize, hadamard_block=hadamard_block,
-                                                           scaling=scaling, amax_history=amax_history))
+        setattr(parent, child_name, HaloLinear.from_linear(
+            module, level=level, quantize=quantize, hadamard_block=hadamard_block, scaling=scaling,
+            amax_history=amax_history, opaque_input=child_name in opaque_inputs))
         swapped.append(name)
     return swapped

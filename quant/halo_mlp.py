@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from quant import delayed_scaling
-from quant.halo import HaloLinear, _gemm, _kernel_operands, _Operand, _quantize_math, fused_cast_ready, kernel_cast
+from quant.halo import (HaloLinear, _fused_cast, _gemm, _kernel_operands, _Operand, _quantize_math, fused_cast_ready,
+                        kernel_cast)
 
 
 def _cast_plain(x_RC: torch.Tensor, state: torch.Tensor, operand: int):
@@ -41,6 +42,15 @@ def _record_plain(state: torch.Tensor, operand: int, rows_RC: torch.Tensor, scal
     delayed_scaling.record_from_fp8(state[:, operand], rows_RC, scale)
 
 
+def _cast_weight(weight: torch.Tensor, dtype: torch.dtype, state: torch.Tensor):
+    """(rows, cols, scale) of a weight: the fp32 master read by the kernel, which records the exact amax
+    (`quant.halo.use_kernel_for_weights`), or its `dtype` copy cast by torch ops, recorded after the GEMM."""
+    if _fused_cast["weights"]:
+        rows, cols, scale, _ = kernel_cast()(weight, state, 1, rows=True, cols=True)
+        return rows, cols, scale
+    return _cast_plain(weight.to(dtype), state, 1)
+
+
 class HaloGeluMlp(torch.autograd.Function):
     """y_TD = gelu(x_TD W_up^T + b_up) W_down^T + b_down (table in the module docstring)."""
 
@@ -49,18 +59,19 @@ class HaloGeluMlp(torch.autograd.Function):
         cast = kernel_cast()
 
         with torch.autocast(x_TD.device.type, enabled=False):
-            # The weights cast to x's dtype here, not by the caller, as in quant.halo.HaloMatmul: the dW GEMMs
-            # then write the master weights' dtype themselves.
+            # The weights are cast here, not by the caller, as in quant.halo.HaloMatmul: the dW GEMMs then write
+            # the master weights' dtype themselves.
             x_rows, x_cols, x_scale = _cast_plain(x_TD, state_up, 0)
-            wu_rows, wu_cols, wu_scale = _cast_plain(w_up_FD.to(x_TD.dtype), state_up, 1)
+            wu_rows, wu_cols, wu_scale = _cast_weight(w_up_FD, x_TD.dtype, state_up)
             u_TF = _gemm(_Operand(x_rows, x_scale), _Operand(wu_rows, wu_scale), x_TD.dtype, fast_accum=True)
             _record_plain(state_up, 0, x_rows, x_scale)
-            _record_plain(state_up, 1, wu_rows, wu_scale)
             a_rows, a_cols, a_scale, _ = cast(u_TF, state_down, 0, rows=True, cols=True, prologue="gelu", bias=b_up_F)
-            wd_rows, wd_cols, wd_scale = _cast_plain(w_down_DF.to(x_TD.dtype), state_down, 1)
+            wd_rows, wd_cols, wd_scale = _cast_weight(w_down_DF, x_TD.dtype, state_down)
             y_TD = _gemm(_Operand(a_rows, a_scale), _Operand(wd_rows, wd_scale), x_TD.dtype, fast_accum=True,
                          bias_N=b_down_D)
-            _record_plain(state_down, 1, wd_rows, wd_scale)
+            if not _fused_cast["weights"]:
+                _record_plain(state_up, 1, wu_rows, wu_scale)
+                _record_plain(state_down, 1, wd_rows, wd_scale)
         ctx.save_for_backward(x_cols, wu_cols, u_TF, b_up_F, a_cols, wd_cols, x_scale, wu_scale, a_scale, wd_scale)
         ctx.states = (state_up, state_down)
         ctx.dtypes = (x_TD.dtype, w_up_FD.dtype, w_down_DF.dtype, None if b_down_D is None else b_down_D.dtype)

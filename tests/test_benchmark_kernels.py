@@ -8,6 +8,7 @@ from benchmarks.qlora import KERNEL_GROUPS as QLORA_GROUPS
 def test_first_matching_group_wins_and_the_rest_is_other():
     # an FP8 cuBLAS kernel also matches the bf16 GEMM fragments: HALO's list puts FP8 first
     assert kernel_group("nvjet_sm90_qqtst_128x128_128x6_1x2_h_bz_coopA_algo2_TNT", HALO_GROUPS) == "gemm fp8"
+    assert kernel_group("nvjet_sm90_qqsss_144x128_128x6_1x2_h_bz_coopA_algo2_TNN", HALO_GROUPS) == "gemm fp8"  # fp32 out
     assert kernel_group("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT", HALO_GROUPS) == "gemm bf16"
     # bitsandbytes' dequantize kernels come before the GEMMs in QLoRA's list
     assert kernel_group("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(...)", QLORA_GROUPS) == "nf4 (bitsandbytes)"

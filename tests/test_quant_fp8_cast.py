@@ -117,7 +117,7 @@ def _segments(R: int, widths: tuple[int, ...], seed: int = 1):
 def test_column_segments_cast_as_their_concatenation(interpreted):
     parts = _segments(40, (32, 16, 48))
     state, expected_state = _state(4, [2.0, 9.0]), _state(4, [2.0, 9.0])
-    # BLOCK_C 64 spans segments: the launch halves it to 16, which divides both segment starts (32, 48).
+    # One launch per segment, each narrower than BLOCK_C 64 or not a multiple of it, 40 rows in tiles of 16.
     rows, cols, scale, colsum = fp8_cast.cast_eager(parts, state, 2, rows=True, cols=True, colsum=True,
                                                    block_r=16, block_c=64, num_warps=4)
     q, expected_scale, v = fp8_cast.reference(torch.cat(parts, dim=1), expected_state, 2)
@@ -280,6 +280,7 @@ def test_halo_linear_dy_through_the_kernel_matches_torch_ops(fused_on_cpu, monke
     from quant.halo import HaloLinear
 
     monkeypatch.setitem(quant.halo._fused_cast, "linear_dy", True)  # off by default (use_kernel_for_linear_dy)
+    monkeypatch.setitem(quant.halo._fused_cast, "weights", False)  # dY alone here; the forward's casts below
     kernel_inputs = []
     monkeypatch.setattr(quant.halo, "_kernel_operands", lambda x, *a, original=quant.halo._kernel_operands, **k:
                         kernel_inputs.append(x) or original(x, *a, **k))
@@ -363,12 +364,49 @@ def test_gpu_gelu_mlp_fused_compiled_matches_unfused():
         assert ((fused_value - plain_value).norm() / plain_value.norm()).item() < 0.02
 
 
+@pytest.mark.parametrize("level", [0, 1])
+def test_halo_forward_operands_through_the_kernel_match_torch_ops(fused_on_cpu, monkeypatch, level):
+    """Under delayed scaling the forward casts the weight, and x of an `opaque_input` layer, with the kernel:
+    both layouts in one pass, the exact amaxes recorded; against the torch-op casts of the same tensors, with
+    dY on torch ops in both runs. In fp32 both cast the same values, so the GEMMs agree to summation order."""
+    import quant.halo
+    from quant import delayed_scaling
+    from quant.halo import HaloLinear
+
+    monkeypatch.setitem(quant.halo._fused_cast, "linear_dy", False)
+    results, kernel_inputs = [], []
+    monkeypatch.setattr(quant.halo, "_kernel_operands", lambda x, *a, original=quant.halo._kernel_operands, **k:
+                        kernel_inputs.append(x.shape) or original(x, *a, **k))
+    for fused in (True, False):
+        monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x, fused=fused: fused)
+        torch.manual_seed(0)
+        layer = HaloLinear(64, 48, level=level, scaling="delayed", amax_history=4, opaque_input=True)
+        x0, dy0 = torch.randn(40, 64), torch.randn(40, 48) * 1e-3
+        layer(x0).backward(dy0)  # the first step scales currently
+        delayed_scaling.end_step(layer)
+        layer.zero_grad()
+        x = (x0 * 1.3).requires_grad_()
+        y = layer(x)
+        y.backward(dy0 * 1.5)
+        results.append((y, x.grad, layer.weight.grad, layer.amax_state[-1].clone()))
+    assert kernel_inputs == [(40, 64), (48, 64)]  # x and W, in the delayed step of the fused run only
+    (y_k, dx_k, dw_k, pending_k), (y_t, dx_t, dw_t, pending_t) = results
+    for kernel_value, torch_value in ((y_k, y_t), (dx_k, dx_t), (dw_k, dw_t)):
+        torch.testing.assert_close(kernel_value, torch_value, rtol=1e-5, atol=1e-9)
+    x_in = quant.halo._rotate(x0 * 1.3, -1, 256) if level else x0 * 1.3
+    assert pending_k[0] == x_in.abs().max()  # exact, from the kernel
+    w_in = quant.halo._rotate(layer.weight.detach(), -1, 256) if level else layer.weight.detach()
+    torch.testing.assert_close(pending_k[1], w_in.abs().max(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(pending_k[:2], pending_t[:2], rtol=2 ** -4, atol=0)  # read back from FP8
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_compiled_halo_block_gemms_write_bf16():
     """A compiled HALO GPT block under bf16 autocast, delayed scaling with the kernel in forward and backward:
-    every `_scaled_mm` writes bf16. Guards against the trace losing autocast (quant.halo.kernel_cast), which
-    showed only as fp32 GEMM outputs and a slower step, not as a numerical difference."""
+    every forward and input-gradient `_scaled_mm` writes bf16, and each weight gradient the fp32 of its master
+    weight. Guards against the trace losing autocast (quant.halo.kernel_cast), which showed only as fp32 GEMM
+    outputs and a slower step, not as a numerical difference."""
     from torch.profiler import ProfilerActivity, profile
 
     from fuyou.models import build_model
@@ -399,5 +437,5 @@ def test_gpu_compiled_halo_block_gemms_write_bf16():
     finally:
         quant.halo.use_kernel_for_linear_dy(False)
     out_dtypes = [event.concrete_inputs[6] for event in profiler.events() if event.name == "aten::_scaled_mm"]
-    assert len(out_dtypes) == 12, out_dtypes  # 4 linears x 3 GEMMs
-    assert set(out_dtypes) == {15}, out_dtypes  # c10::ScalarType::BFloat16
+    # 4 linears x 3 GEMMs: forward and dX in c10::ScalarType::BFloat16 (15), dW in Float (6).
+    assert sorted(out_dtypes) == [6] * 4 + [15] * 8, out_dtypes

@@ -16,7 +16,9 @@ CUDA runs the MLP with its GELU inside `quant.fp8_cast`'s casts (`quant.halo_mlp
 runs it as two HaloLinears casting with torch ops instead, as before that kernel existed. The attention's
 linears cast dY by the library's defaults unless told: `-lineardy` casts the out-projection's dY with the kernel
 too (`quant.halo.use_kernel_for_linear_dy`), `-catdy` concatenates the QKV projection's dq, dk, dv for torch-op
-casts instead of the kernel reading them in place (`quant.halo.use_kernel_for_split_dy`); `-mlpdy`, the
+casts instead of the kernel reading them in place (`quant.halo.use_kernel_for_split_dy`). `-noweightk` casts the
+weights with torch ops (`quant.halo.use_kernel_for_weights`), `-noxk` the out-projection's x
+(`quant.halo.use_kernel_for_opaque_inputs`). `-mlpdy`, the
 fourteenth session's name for the defaults of then, is accepted and changes nothing. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
 64th row instead of the whole tensor, clamping what overflows: the quantizer's cast then waits on a reduction
 over 1/64 of the data, about what delayed scaling (last step's amax) would cost. A timing bound only, its
@@ -42,7 +44,7 @@ from benchmarks.kernels import group_times, profile_kernels
 _QUANTIZE_MATH = quant.halo._quantize_math
 
 KERNEL_GROUPS = [  # (group, lower-case name fragments); first match wins, FP8 before the other GEMMs
-    ("gemm fp8", ("e4m3", "f8f8", "fp8", "_qqt", "f8_")),
+    ("gemm fp8", ("e4m3", "f8f8", "fp8", "_qqt", "_qqs", "f8_")),  # cuBLAS's nvjet: qq = FP8 A and B
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("gemm bf16", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "s16816", "wgmma", "sm90")),
     ("optimizer", ("multi_tensor", "adam", "foreach", "fused_adam")),
@@ -74,14 +76,16 @@ def build(args, variant: str):
         f"train.compile={'true' if args.compile else 'false'}",
     ]
     variant, *flags = variant.split("-")
-    unknown = set(flags) - {"sampled", "delayed", "torchcast", "mlpdy", "lineardy", "catdy"}
+    unknown = set(flags) - {"sampled", "delayed", "torchcast", "mlpdy", "lineardy", "catdy", "noweightk", "noxk"}
     if unknown:
-        raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled, -delayed, -torchcast, -lineardy "
-                         "or -catdy")
+        raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled, -delayed, -torchcast, -lineardy, "
+                         "-catdy, -noweightk or -noxk")
     delayed = "delayed" in flags
     quant.halo.use_fused_cast("torchcast" not in flags)
     quant.halo.use_kernel_for_linear_dy("lineardy" in flags)
     quant.halo.use_kernel_for_split_dy("catdy" not in flags)
+    quant.halo.use_kernel_for_weights("noweightk" not in flags)
+    quant.halo.use_kernel_for_opaque_inputs("noxk" not in flags)
     quant.halo._quantize_math = _sampled_quantize_math if "sampled" in flags else _QUANTIZE_MATH
     torch._dynamo.reset()  # variants alternate in one process: trace the quantizer each one uses afresh
     if variant.startswith("halo"):
