@@ -18,7 +18,8 @@ linears cast dY by the library's defaults unless told: `-lineardy` casts the out
 too (`quant.halo.use_kernel_for_linear_dy`), `-catdy` concatenates the QKV projection's dq, dk, dv for torch-op
 casts instead of the kernel reading them in place (`quant.halo.use_kernel_for_split_dy`). `-noweightk` casts the
 weights with torch ops (`quant.halo.use_kernel_for_weights`), `-noxk` the out-projection's x
-(`quant.halo.use_kernel_for_opaque_inputs`). `-mlpdy`, the
+(`quant.halo.use_kernel_for_opaque_inputs`). `-tileRxCxW` launches `quant.fp8_cast`'s "none" prologue (every
+cast without a GELU) with that tile, e.g. `-tile128x64x4`. `-mlpdy`, the
 fourteenth session's name for the defaults of then, is accepted and changes nothing. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
 64th row instead of the whole tensor, clamping what overflows: the quantizer's cast then waits on a reduction
 over 1/64 of the data, about what delayed scaling (last step's amax) would cost. A timing bound only, its
@@ -42,6 +43,7 @@ import quant.halo
 from benchmarks.kernels import group_times, profile_kernels
 
 _QUANTIZE_MATH = quant.halo._quantize_math
+_DEFAULT_TILES: dict = {}  # quant.fp8_cast's own tiles, kept when a variant overrides one (build)
 
 KERNEL_GROUPS = [  # (group, lower-case name fragments); first match wins, FP8 before the other GEMMs
     ("gemm fp8", ("e4m3", "f8f8", "fp8", "_qqt", "_qqs", "f8_")),  # cuBLAS's nvjet: qq = FP8 A and B
@@ -76,7 +78,13 @@ def build(args, variant: str):
         f"train.compile={'true' if args.compile else 'false'}",
     ]
     variant, *flags = variant.split("-")
-    unknown = set(flags) - {"sampled", "delayed", "torchcast", "mlpdy", "lineardy", "catdy", "noweightk", "noxk"}
+    tiles = [flag for flag in flags if flag.startswith("tile")]
+    import quant.fp8_cast
+
+    default_tile = _DEFAULT_TILES.setdefault("none", quant.fp8_cast.TILES["none"])
+    quant.fp8_cast.TILES["none"] = tuple(int(n) for n in tiles[0][4:].split("x")) if tiles else default_tile
+    unknown = set(flags) - {"sampled", "delayed", "torchcast", "mlpdy", "lineardy", "catdy", "noweightk", "noxk",
+                            *tiles}
     if unknown:
         raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled, -delayed, -torchcast, -lineardy, "
                          "-catdy, -noweightk or -noxk")
