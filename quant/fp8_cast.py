@@ -52,7 +52,7 @@ GELU_K0, GELU_K1 = fp8_cast_kernel.GELU_K0.value, fp8_cast_kernel.GELU_K1.value
 # (BLOCK_R, BLOCK_C, warps) per prologue: the fastest at [16384, 2048] and [16384, 8192] in two runs of
 # `python -m benchmarks.diag.fp8_cast` on the H100 (benchmarks/RESULTS.md, thirteenth session). Alone, "none" ran
 # faster at (32, 256, 8) (0.075 against 0.085 ms at [16384, 2048]), but inside the step, where most of its casts
-# also sum columns with atomics, its casts took 30.7 against 26.6 ms a step (fifteenth session, halo_step -tile).
+# also sum columns with atomics, its casts took 31.1 against 26.5 ms a step (fifteenth session, halo_step -tile).
 TILES = {"none": (128, 64, 4), "gelu": (64, 64, 4), "gelu_backward": (64, 128, 4)}
 # x may come as column segments read in place (`cast`), each launched on its own; widths a multiple of 16 keep
 # every segment's first output byte 16-byte aligned for Triton's vector stores.
