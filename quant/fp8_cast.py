@@ -1,5 +1,6 @@
-"""One pass from bf16 to FP8 e4m3 in both GEMM layouts, with the amax recorded: the delayed-scaling cast
-that `quant.halo_mlp` runs on the GPT MLP's activation ("gelu") and its gradient ("gelu_backward").
+"""One pass from bf16 (or fp32) to FP8 e4m3 in both GEMM layouts, with the amax recorded: the delayed-scaling
+cast that `quant.halo_mlp` runs on the GPT MLP's activation ("gelu") and its gradient ("gelu_backward"), and
+that `quant.halo` runs on the weights, the out-projection's input and the output gradients ("none").
 
 Why hand-written. HALO's FP8 GEMMs need each operand in e4m3 twice, row-major [R, C] and transposed [C, R]
 (`quant.halo`, Layouts), and delayed scaling needs every tensor's amax for the next steps' scales
@@ -12,7 +13,9 @@ torch has no such op, and Transformer Engine and torchao, which do, are not depe
 torch's CUDA builds, and `torch.library.triton_op` lets torch.compile place the kernel inside the
 compiled step (it is opaque to Inductor's fusion, hence the prologues below).
 
-One launch, one program per tile [BLOCK_R, BLOCK_C] of x [R, C]:
+One launch, one program per tile [BLOCK_R, BLOCK_C] of x [R, C]; an x given as column segments (the
+attention's dq, dk, dv, each with its own row stride) takes one launch per segment, each writing its columns
+of the outputs:
 
     s     = MARGIN · max(the operand's history) / 448, or 1 if empty   (delayed_scaling.scale_from_history)
     v     = x                          prologue "none"

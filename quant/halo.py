@@ -55,9 +55,13 @@ layouts its GEMMs need, in the same pass that scales it: the forward keeps Q(X H
 backward (the same bytes as keeping the row-major copies). On CUDA the quantizer (amax, scale, cast, both
 layouts) runs through torch.compile with static shapes, two fused kernels, unless `use_compiled_quantizer(False)`; if the
 compiler fails it warns once and falls back to eager torch ops. Inside a block compiled whole (`train.compile`,
-fuyou.block_compile) the quantizer is traced into the block's graph instead. With delayed scaling at level 0
-on CUDA, a GPT MLP's two HaloLinears run together (`quant.halo_mlp`): the GELU and its derivative are
-computed inside `quant.fp8_cast`'s Triton casts.
+fuyou.block_compile) the quantizer is traced into the block's graph instead. With delayed scaling on CUDA
+(levels 0-1), `quant.fp8_cast`'s Triton kernel casts what no fusible kernel produces: the weights (read as
+fp32 masters), the input of a layer after an opaque kernel (`opaque_input`: the out-projection, after SDPA),
+and the output gradients dY that arrive as a graph input or in pieces (the QKV projection's dq, dk, dv, read
+in place through `HaloLinear.forward_split`); each in one pass for both layouts with the exact amax. At level 0
+a GPT MLP's two HaloLinears run together (`quant.halo_mlp`), the GELU and its derivative computed inside the
+kernel's casts.
 """
 
 from __future__ import annotations
@@ -94,13 +98,13 @@ def use_fused_cast(enabled: bool) -> None:
 
 
 def use_kernel_for_linear_dy(enabled: bool) -> None:
-    """Whether HaloMatmul's backward (the attention's linears) casts dY with `quant.fp8_cast`'s kernel under
-    delayed scaling (enabled) or with torch ops that Inductor fuses (disabled, the default); the GELU MLP's
-    dY always takes the kernel. Disabled measured faster: 222.6 against 231.1 ms a step (1.3B shape, batch 8,
-    `benchmarks.diag.halo_step --variants halo0-delayed halo0-delayed-mlpdy`, H100, fourteenth session). The
-    QKV projection's dY is the concatenation of the attention's dq, dk, dv, which Inductor then has to write
-    out in bf16 for the opaque kernel to read, and the out-projection's dY comes out of LayerNorm's backward,
-    whose kernel writes the torch-op casts itself."""
+    """Whether HaloMatmul's backward casts a single dY (the attention's out-projection) with `quant.fp8_cast`'s
+    kernel under delayed scaling (enabled) or with torch ops that Inductor fuses (disabled, the default); the
+    GELU MLP's dY and the QKV projection's split dY (`use_kernel_for_split_dy`) take the kernel. Disabled
+    measured faster: the out-projection's dY comes out of LayerNorm's backward, whose kernel writes the torch-op
+    casts itself, and which grew from 7.6 to 16.7 ms a step when it had to write bf16 for the kernel instead
+    (230.4 against 224.4 ms a step; 1.3B shape, batch 8, `benchmarks.diag.halo_step --variants halo0-delayed
+    halo0-delayed-lineardy`, H100, fifteenth session)."""
     _fused_cast["linear_dy"] = enabled
 
 
