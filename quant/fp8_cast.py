@@ -174,6 +174,35 @@ def cast(x_RC, state: torch.Tensor, operand: int, *, rows: bool = True, cols: bo
     return _fp8_cast_op(parts[0], state, operand, rows, cols, prologue, bias, saved, colsum, x1, x2)
 
 
+# (BLOCK_R, BLOCK_C, warps) of the transpose: 128-byte rows in and out.
+TRANSPOSE_TILE = (128, 128, 4)
+
+
+@torch.library.triton_op("fuyou::fp8_transpose", mutates_args=())
+def _fp8_transpose_op(x_RC: torch.Tensor) -> torch.Tensor:
+    R, C = x_RC.shape
+    out_CR = torch.empty((C, R), dtype=x_RC.dtype, device=x_RC.device)
+    block_r, block_c, num_warps = TRANSPOSE_TILE
+    torch.library.wrap_triton(fp8_cast_kernel.transpose_kernel)[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+        x_RC, out_CR, R, C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return out_CR
+
+
+def transpose(x_RC: torch.Tensor) -> torch.Tensor:
+    """x^T contiguous [C, R] of a contiguous FP8 [R, C], as the custom op `fuyou::fp8_transpose`.
+
+    Why an op of its own: HALO's x (a LayerNorm's output) is cast to FP8 inside Inductor's LayerNorm kernel,
+    which rows are its natural order. Asked for the transposed copy too (for dW = dY^T X), Inductor recomputed
+    it in the backward inside LayerNorm's backward, a row-reduction kernel, writing single bytes a token apart:
+    that kernel took 7.7 ms a step against 5.0 in bf16 (1.3B shape, batch 8, H100; benchmarks/RESULTS.md,
+    fifteenth session). An opaque op is neither fused nor recomputed: it transposes the FP8 rows once, in the
+    forward, in tiles (1 byte read and 1 written an element), and its output is kept for backward."""
+    if x_RC.dim() != 2 or not x_RC.is_contiguous() or x_RC.element_size() != 1:
+        raise ValueError(f"transpose takes a contiguous 2-D tensor of 1-byte elements, got {tuple(x_RC.shape)} "
+                         f"{x_RC.dtype}")
+    return _fp8_transpose_op(x_RC)
+
+
 def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
     """The "gelu" prologue's v in fp32, written as the kernel computes it."""
     t = torch.tanh(GELU_K0 * (u + GELU_K1 * u * u * u))

@@ -64,3 +64,14 @@ def cast_kernel(x_ptr, saved_ptr, bias_ptr, rows_ptr, cols_ptr, state_ptr, scale
         tl.store(cols_ptr + c_out[:, None].to(tl.int64) * R + r[None, :], tl.trans(q), mask=tl.trans(inside))
     if (pid_r == 0) & (pid_c == 0):
         tl.store(scale_ptr, scale)
+
+
+@triton.jit
+def transpose_kernel(x_ptr, out_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out [C, R] = x [R, C]^T, bytes as they are (FP8 values keep their codes)."""
+    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = (r[:, None] < R) & (c[None, :] < C)
+    x = tl.load(x_ptr + r[:, None].to(tl.int64) * C + c[None, :], mask=inside)
+    tl.store(out_ptr + c[:, None].to(tl.int64) * R + r[None, :], tl.trans(x), mask=tl.trans(inside))

@@ -86,8 +86,8 @@ HADAMARD_BLOCK = 256
 # Whether CUDA tensors are quantized through torch.compile (see use_compiled_quantizer).
 _compiler = {"enabled": True, "failed": False, "function": None}
 # Whether the GELU MLP's delayed-scaling casts on CUDA run quant.fp8_cast's kernel (see use_fused_cast).
-_fused_cast = {"enabled": True, "failed": False, "loaded": False, "cast": None, "linear_dy": False, "split_dy": True,
-               "weights": True, "opaque_x": True}
+_fused_cast = {"enabled": True, "failed": False, "loaded": False, "cast": None, "transpose": None, "linear_dy": False,
+               "split_dy": True, "weights": True, "opaque_x": True, "x_transpose": True}
 
 
 def use_fused_cast(enabled: bool) -> None:
@@ -132,13 +132,20 @@ def use_kernel_for_opaque_inputs(enabled: bool) -> None:
     _fused_cast["opaque_x"] = enabled
 
 
+def use_kernel_for_x_transpose(enabled: bool) -> None:
+    """Whether, under delayed scaling on CUDA, x cast by torch ops (a LayerNorm's output, whose kernel writes the
+    FP8 rows) gets its transposed copy for dW from `quant.fp8_cast.transpose` in the forward (enabled, the
+    default), or from Inductor, which recomputed it inside LayerNorm's backward with byte-strided stores."""
+    _fused_cast["x_transpose"] = enabled
+
+
 def _load_fused_cast() -> bool:
     """Imports quant.fp8_cast (and Triton) once; False, with one warning, where Triton is missing."""
     if not (_fused_cast["loaded"] or _fused_cast["failed"]):
         try:
             import quant.fp8_cast
             import quant.halo_mlp  # noqa: F401 - imports quant.halo: load it here, not while tracing
-            _fused_cast["cast"] = quant.fp8_cast.cast
+            _fused_cast["cast"], _fused_cast["transpose"] = quant.fp8_cast.cast, quant.fp8_cast.transpose
             _fused_cast["loaded"] = True
         except (ImportError, AttributeError) as error:  # no Triton, or a torch before torch.library.triton_op (2.6)
             warnings.warn(f"quant.fp8_cast needs Triton and torch >= 2.6 ({error}); the GELU MLP casts with torch ops",
@@ -165,10 +172,16 @@ def kernel_cast():
     float32, H100, torch 2.11; `tests/test_quant_fp8_cast.py::test_gpu_compiled_halo_block_gemms_write_bf16`
     checks it). Tests that run the kernel on the CPU load it here, outside any trace."""
     if _fused_cast["cast"] is None:
-        from quant.fp8_cast import cast
+        from quant.fp8_cast import cast, transpose
 
-        _fused_cast["cast"] = cast
+        _fused_cast["cast"], _fused_cast["transpose"] = cast, transpose
     return _fused_cast["cast"]
+
+
+def fp8_transposed(x_op: _Operand) -> _Operand:
+    """x^T of an FP8 operand through `quant.fp8_cast.transpose` (loaded as kernel_cast loads the cast)."""
+    kernel_cast()
+    return _Operand(_fused_cast["transpose"](x_op.values), x_op.scale)
 
 
 def use_compiled_quantizer(enabled: bool) -> None:
@@ -356,7 +369,11 @@ class HaloMatmul(torch.autograd.Function):
                 x_op, x_t_op, _ = _kernel_operands(x_in.contiguous(), amax_state, 0, rows=True, cols=needs_dw,
                                                    colsum=False)
             else:
-                x_op, x_t_op = _operands(x_in, quantize, cols=needs_dw, state_row=rows[0], delayed=delayed)
+                transpose = kernel and needs_dw and _fused_cast["x_transpose"]  # use_kernel_for_x_transpose
+                x_op, x_t_op = _operands(x_in, quantize, cols=needs_dw and not transpose, state_row=rows[0],
+                                         delayed=delayed)
+                if transpose:
+                    x_t_op = fp8_transposed(x_op)
             # The weight in x's dtype (autocast's), cast here rather than by the caller: no autograd cast node,
             # so dW comes back in the master weight's dtype straight from the GEMM (backward). The kernel reads
             # an unrotated fp32 master weight as it is (use_kernel_for_weights).

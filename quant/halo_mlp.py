@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 
 from quant import delayed_scaling
-from quant.halo import (HaloLinear, _fused_cast, _gemm, _kernel_operands, _Operand, _quantize_math, fused_cast_ready,
-                        kernel_cast)
+from quant.halo import (HaloLinear, _fused_cast, _gemm, _kernel_operands, _Operand, _quantize_math, fp8_transposed,
+                        fused_cast_ready, kernel_cast)
 
 
 def _cast_plain(x_RC: torch.Tensor, state: torch.Tensor, operand: int):
@@ -61,7 +61,11 @@ class HaloGeluMlp(torch.autograd.Function):
         with torch.autocast(x_TD.device.type, enabled=False):
             # The weights are cast here, not by the caller, as in quant.halo.HaloMatmul: the dW GEMMs then write
             # the master weights' dtype themselves.
-            x_rows, x_cols, x_scale = _cast_plain(x_TD, state_up, 0)
+            if _fused_cast["x_transpose"]:  # quant.halo.use_kernel_for_x_transpose
+                x_rows, _, x_scale = _quantize_math(x_TD, True, False, state_up[:, 0], delayed=True)
+                x_cols = fp8_transposed(_Operand(x_rows, x_scale)).values
+            else:
+                x_rows, x_cols, x_scale = _cast_plain(x_TD, state_up, 0)
             wu_rows, wu_cols, wu_scale = _cast_weight(w_up_FD, x_TD.dtype, state_up)
             u_TF = _gemm(_Operand(x_rows, x_scale), _Operand(wu_rows, wu_scale), x_TD.dtype, fast_accum=True)
             _record_plain(state_up, 0, x_rows, x_scale)

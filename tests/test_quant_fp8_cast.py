@@ -127,6 +127,13 @@ def test_column_segments_cast_as_their_concatenation(interpreted):
     torch.testing.assert_close(colsum, v.sum(0), rtol=1e-5, atol=1e-4)
 
 
+def test_transpose_keeps_the_bytes(interpreted):
+    x = (torch.randn(100, 70) * 3).to(torch.float8_e4m3fn)  # partial tiles both ways
+    assert torch.equal(fp8_cast.transpose(x).view(torch.uint8), x.t().contiguous().view(torch.uint8))
+    with pytest.raises(ValueError, match="1-byte"):
+        fp8_cast.transpose(torch.zeros(4, 4))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"prologue": "relu"}, "prologue must be one of"),
     ({"x": torch.zeros(4, 6).t()}, "contiguous"),
@@ -364,23 +371,27 @@ def test_gpu_gelu_mlp_fused_compiled_matches_unfused():
         assert ((fused_value - plain_value).norm() / plain_value.norm()).item() < 0.02
 
 
+@pytest.mark.parametrize("opaque", [True, False])
 @pytest.mark.parametrize("level", [0, 1])
-def test_halo_forward_operands_through_the_kernel_match_torch_ops(fused_on_cpu, monkeypatch, level):
+def test_halo_forward_operands_through_the_kernel_match_torch_ops(fused_on_cpu, monkeypatch, level, opaque):
     """Under delayed scaling the forward casts the weight, and x of an `opaque_input` layer, with the kernel:
-    both layouts in one pass, the exact amaxes recorded; against the torch-op casts of the same tensors, with
-    dY on torch ops in both runs. In fp32 both cast the same values, so the GEMMs agree to summation order."""
+    both layouts in one pass, the exact amaxes recorded; any other x by torch ops, its transposed copy by
+    `quant.fp8_cast.transpose`. Against the torch-op casts of the same tensors, with dY on torch ops in both
+    runs. In fp32 both cast the same values, so the GEMMs agree to summation order."""
     import quant.halo
     from quant import delayed_scaling
     from quant.halo import HaloLinear
 
     monkeypatch.setitem(quant.halo._fused_cast, "linear_dy", False)
-    results, kernel_inputs = [], []
+    results, kernel_inputs, transposed = [], [], []
     monkeypatch.setattr(quant.halo, "_kernel_operands", lambda x, *a, original=quant.halo._kernel_operands, **k:
                         kernel_inputs.append(x.shape) or original(x, *a, **k))
+    monkeypatch.setattr(quant.halo, "fp8_transposed", lambda x, original=quant.halo.fp8_transposed:
+                        transposed.append(x.values.shape) or original(x))
     for fused in (True, False):
         monkeypatch.setattr(quant.halo, "fused_cast_ready", lambda x, fused=fused: fused)
         torch.manual_seed(0)
-        layer = HaloLinear(64, 48, level=level, scaling="delayed", amax_history=4, opaque_input=True)
+        layer = HaloLinear(64, 48, level=level, scaling="delayed", amax_history=4, opaque_input=opaque)
         x0, dy0 = torch.randn(40, 64), torch.randn(40, 48) * 1e-3
         layer(x0).backward(dy0)  # the first step scales currently
         delayed_scaling.end_step(layer)
@@ -389,12 +400,14 @@ def test_halo_forward_operands_through_the_kernel_match_torch_ops(fused_on_cpu, 
         y = layer(x)
         y.backward(dy0 * 1.5)
         results.append((y, x.grad, layer.weight.grad, layer.amax_state[-1].clone()))
-    assert kernel_inputs == [(40, 64), (48, 64)]  # x and W, in the delayed step of the fused run only
+    # In the delayed step of the fused run only: x and W through the kernel, or W alone and x's rows transposed.
+    assert (kernel_inputs, transposed) == (([(40, 64), (48, 64)], []) if opaque else ([(48, 64)], [(40, 64)]))
     (y_k, dx_k, dw_k, pending_k), (y_t, dx_t, dw_t, pending_t) = results
     for kernel_value, torch_value in ((y_k, y_t), (dx_k, dx_t), (dw_k, dw_t)):
         torch.testing.assert_close(kernel_value, torch_value, rtol=1e-5, atol=1e-9)
     x_in = quant.halo._rotate(x0 * 1.3, -1, 256) if level else x0 * 1.3
-    assert pending_k[0] == x_in.abs().max()  # exact, from the kernel
+    if opaque:
+        assert pending_k[0] == x_in.abs().max()  # exact, from the kernel
     w_in = quant.halo._rotate(layer.weight.detach(), -1, 256) if level else layer.weight.detach()
     torch.testing.assert_close(pending_k[1], w_in.abs().max(), rtol=1e-6, atol=0)
     torch.testing.assert_close(pending_k[:2], pending_t[:2], rtol=2 ** -4, atol=0)  # read back from FP8

@@ -18,7 +18,8 @@ linears cast dY by the library's defaults unless told: `-lineardy` casts the out
 too (`quant.halo.use_kernel_for_linear_dy`), `-catdy` concatenates the QKV projection's dq, dk, dv for torch-op
 casts instead of the kernel reading them in place (`quant.halo.use_kernel_for_split_dy`). `-noweightk` casts the
 weights with torch ops (`quant.halo.use_kernel_for_weights`), `-noxk` the out-projection's x
-(`quant.halo.use_kernel_for_opaque_inputs`). `-tileRxCxW` launches `quant.fp8_cast`'s "none" prologue (every
+(`quant.halo.use_kernel_for_opaque_inputs`), `-noxt` leaves x's transposed copy to Inductor
+(`quant.halo.use_kernel_for_x_transpose`). `-tileRxCxW` launches `quant.fp8_cast`'s "none" prologue (every
 cast without a GELU) with that tile, e.g. `-tile128x64x4`. `-mlpdy`, the
 fourteenth session's name for the defaults of then, is accepted and changes nothing. A `-sampled` variant (e.g. `halo0-sampled`) takes each tensor's FP8 scale from the amax of every
 64th row instead of the whole tensor, clamping what overflows: the quantizer's cast then waits on a reduction
@@ -84,16 +85,17 @@ def build(args, variant: str):
     default_tile = _DEFAULT_TILES.setdefault("none", quant.fp8_cast.TILES["none"])
     quant.fp8_cast.TILES["none"] = tuple(int(n) for n in tiles[0][4:].split("x")) if tiles else default_tile
     unknown = set(flags) - {"sampled", "delayed", "torchcast", "mlpdy", "lineardy", "catdy", "noweightk", "noxk",
-                            *tiles}
+                            "noxt", *tiles}
     if unknown:
         raise SystemExit(f"unknown variant suffix {sorted(unknown)}; use -sampled, -delayed, -torchcast, -lineardy, "
-                         "-catdy, -noweightk or -noxk")
+                         "-catdy, -noweightk, -noxk, -noxt or -tileRxCxW")
     delayed = "delayed" in flags
     quant.halo.use_fused_cast("torchcast" not in flags)
     quant.halo.use_kernel_for_linear_dy("lineardy" in flags)
     quant.halo.use_kernel_for_split_dy("catdy" not in flags)
     quant.halo.use_kernel_for_weights("noweightk" not in flags)
     quant.halo.use_kernel_for_opaque_inputs("noxk" not in flags)
+    quant.halo.use_kernel_for_x_transpose("noxt" not in flags)
     quant.halo._quantize_math = _sampled_quantize_math if "sampled" in flags else _QUANTIZE_MATH
     torch._dynamo.reset()  # variants alternate in one process: trace the quantizer each one uses afresh
     if variant.startswith("halo"):
