@@ -196,7 +196,8 @@ def transpose(x_RC: torch.Tensor) -> torch.Tensor:
     it in the backward inside LayerNorm's backward, a row-reduction kernel, writing single bytes a token apart:
     that kernel took 7.7 ms a step against 5.0 in bf16 (1.3B shape, batch 8, H100; benchmarks/RESULTS.md,
     fifteenth session). An opaque op is neither fused nor recomputed: it transposes the FP8 rows once, in the
-    forward, in tiles (1 byte read and 1 written an element), and its output is kept for backward."""
+    forward, in tiles (1 byte read and 1 written an element), and its output is kept for backward. Measured:
+    LayerNorm's backward 4.2 ms a step, the transposes 1.0 ms, the step 212.6 against 223.6 ms (call G)."""
     if x_RC.dim() != 2 or not x_RC.is_contiguous() or x_RC.element_size() != 1:
         raise ValueError(f"transpose takes a contiguous 2-D tensor of 1-byte elements, got {tuple(x_RC.shape)} "
                          f"{x_RC.dtype}")
