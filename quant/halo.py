@@ -446,7 +446,8 @@ class HaloMatmul(torch.autograd.Function):
 
 
 def _segments_fit(parts: tuple[torch.Tensor, ...]) -> bool:
-    """Whether `quant.fp8_cast` reads these column blocks in place (up to three, multiples of 16 wide, 2-D)."""
+    """Whether `quant.fp8_cast` reads these column blocks in place: 2-D, at most its MAX_SEGMENTS (3), each a
+    multiple of its SEGMENT_ALIGN (16) wide; written out here so that this module never imports Triton."""
     return len(parts) <= 3 and all(part.dim() == 2 and part.shape[1] % 16 == 0 for part in parts)
 
 
@@ -455,10 +456,11 @@ def _kernel_operands(x_RC, state: torch.Tensor, operand: int, *, rows: bool, col
     both FP8 layouts and the column sums, the exact amax recorded into `state`'s column `operand`. x_RC is one
     tensor or its column blocks (`quant.fp8_cast.cast`).
 
-    Used for dY, the gradient a layer receives: no kernel of the backward graph produces it (it is the graph's
-    input, or the sum of a LayerNorm's backward and the residual), so there is no producer for Inductor to
-    fuse torch-op casts into, and those ran as two passes over it (one per layout, 126 µs together on
-    [16384, 2048] bf16, H100) plus the amax read back from the FP8 bytes (fourteenth session)."""
+    Used where Inductor has no producer to fuse torch-op casts into. For dY, the gradient a layer receives (the
+    backward graph's input, or dq, dk, dv from the attention's backward), those ran as two passes over it (one
+    per layout, 126 µs together on [16384, 2048] bf16, H100) plus the amax read back from the FP8 bytes
+    (fourteenth session). For the fp32 master weights and the out-projection's x (after SDPA), Inductor wrote
+    the transposed copy in the backward by reading the tensor again (fifteenth session)."""
     x_rows, x_cols, scale, colsum_C = kernel_cast()(x_RC, state, operand, rows=rows, cols=cols, colsum=colsum)
     return ((_Operand(x_rows, scale) if rows else None), (_Operand(x_cols, scale) if cols else None),
             (colsum_C if colsum else None))
